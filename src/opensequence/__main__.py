@@ -1,0 +1,3 @@
+from opensequence.cli.main import main
+
+main()

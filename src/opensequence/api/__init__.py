@@ -1,0 +1,1 @@
+"""HTTP layer: ``create_app(settings)`` wires routers, error handling, rate limits, metrics."""

@@ -1,0 +1,1 @@
+"""Organizations, API keys (hashed, scoped, revocable) and the Bearer dependency."""

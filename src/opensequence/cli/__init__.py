@@ -1,0 +1,1 @@
+"""The ``opensequence`` command: composition only; the work lives in the domain packages."""

@@ -1,0 +1,179 @@
+"""``opensequence``: serve | api | worker | db upgrade | keys | contacts import."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated
+
+import typer
+
+from opensequence.api.app import BackgroundFactory
+from opensequence.auth import service as auth
+from opensequence.cli.common import fail, load_settings, run_with_db, setup_logging
+from opensequence.db import Database
+from opensequence.db.migrate import upgrade as migrate
+from opensequence.db.types import iso
+
+app = typer.Typer(
+    help="OpenSequence: self-hostable outbound sequencing engine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database administration.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+
+HostOpt = Annotated[str, typer.Option("--host", help="Interface to bind.")]
+PortOpt = Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")]
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply database migrations."""
+    settings = load_settings()
+    migrate(settings.database_url)
+    typer.echo("database is up to date")
+
+
+async def _bootstrap(db: Database) -> str | None:
+    """On an empty database: create an organization and one full-access key, once."""
+    async with db.transaction() as session:
+        if await auth.count_orgs(session):
+            return None
+        org = await auth.get_or_create_org(session, "default")
+        created = await auth.create_key(session, org)
+        return created.key
+
+
+@app.command()
+def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
+    """API and delivery worker in one process (the embedded default). Migrates first."""
+    import uvicorn
+
+    from opensequence.api.app import create_app
+
+    settings = load_settings()
+    setup_logging()
+    migrate(settings.database_url)
+    key = run_with_db(settings, _bootstrap)
+    if key:
+        typer.echo(f"API key: {key}")
+    typer.echo(f"OpenSequence listening on http://{host}:{port} (docs at /docs)")
+    uvicorn.run(
+        create_app(settings, background=_serve_background()), host=host, port=port, log_config=None
+    )
+
+
+def _serve_background() -> list[BackgroundFactory]:
+    return []
+
+
+@app.command()
+def api(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="API processes.")] = 1,
+) -> None:
+    """API only (scale-out role). Migrates first (serialised across processes)."""
+    import uvicorn
+
+    settings = load_settings()
+    setup_logging()
+    migrate(settings.database_url)
+    uvicorn.run(
+        "opensequence.api.factory:app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+    )
+
+
+@keys_app.command("create")
+def keys_create(
+    org: Annotated[str, typer.Option("--org", help="Organization name (created if needed).")],
+    scope: Annotated[
+        list[str] | None, typer.Option("--scope", help="Scope; repeat for several.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Create an API key (shown once)."""
+    settings = load_settings()
+    migrate(settings.database_url)
+
+    async def work(db: Database) -> auth.CreatedKey:
+        async with db.transaction() as session:
+            organization = await auth.get_or_create_org(session, org)
+            return await auth.create_key(session, organization, scope)
+
+    try:
+        created = run_with_db(settings, work)
+    except typer.Exit:
+        raise
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {"org_id": str(created.org_id), "key_id": str(created.key_id), "key": created.key}
+            )
+        )
+    else:
+        typer.echo(created.key)
+
+
+@keys_app.command("list")
+def keys_list(
+    org: Annotated[str, typer.Option("--org", help="Organization name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List an organization's keys (never the secrets)."""
+    settings = load_settings()
+    migrate(settings.database_url)
+
+    async def work(db: Database) -> list[dict[str, object]]:
+        async with db.transaction() as session:
+            organization = await auth.find_org(session, org)
+            rows = await auth.list_keys(session, organization)
+            return [
+                {
+                    "key_id": str(row.id),
+                    "prefix": row.prefix,
+                    "scopes": row.scopes,
+                    "created_at": iso(row.created_at),
+                    "revoked_at": iso(row.revoked_at),
+                }
+                for row in rows
+            ]
+
+    keys = run_with_db(settings, work)
+    if as_json:
+        typer.echo(json.dumps(keys))
+        return
+    for key in keys:
+        state = f"revoked {key['revoked_at']}" if key["revoked_at"] else "active"
+        typer.echo(f"{key['key_id']}  {key['prefix']}…  {','.join(key['scopes'])}  {state}")  # type: ignore[arg-type]
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key_id to revoke.")]) -> None:
+    """Revoke a key; requests with it answer 401 from now on."""
+    settings = load_settings()
+    try:
+        parsed = uuid.UUID(key_id)
+    except ValueError:
+        fail(f"KEY_ID: {key_id!r} is not a key id (a UUID)")
+    migrate(settings.database_url)
+
+    async def work(db: Database) -> str | None:
+        async with db.transaction() as session:
+            return iso(await auth.revoke_key(session, parsed))
+
+    revoked_at = run_with_db(settings, work)
+    typer.echo(f"revoked {parsed} at {revoked_at}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,101 @@
+"""Engine and session factories for SQLite (embedded) and PostgreSQL (scale-out).
+
+Callers own transactions (DESIGN rule 1): :meth:`Database.transaction` opens one and commits on
+success; services only flush.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.pool import NullPool
+
+
+def _normalise(url: str) -> str:
+    if url.startswith("postgres://"):
+        return "postgresql://" + url[len("postgres://") :]
+    return url
+
+
+def is_postgresql(url: str) -> bool:
+    return make_url(_normalise(url)).get_backend_name() == "postgresql"
+
+
+def async_url(url: str) -> str:
+    """The SQLAlchemy async URL for a user-facing ``sqlite:///`` or ``postgresql://`` URL."""
+    parsed = make_url(_normalise(url))
+    driver = "psycopg" if parsed.get_backend_name() == "postgresql" else "aiosqlite"
+    return parsed.set(drivername=f"{parsed.get_backend_name()}+{driver}").render_as_string(
+        hide_password=False
+    )
+
+
+def sync_url(url: str) -> str:
+    """The sync URL (migrations run synchronously through Alembic)."""
+    parsed = make_url(_normalise(url))
+    driver = "psycopg" if parsed.get_backend_name() == "postgresql" else "pysqlite"
+    return parsed.set(drivername=f"{parsed.get_backend_name()}+{driver}").render_as_string(
+        hide_password=False
+    )
+
+
+def configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    """WAL lets readers run beside the single writer; the busy timeout makes writers queue
+    instead of failing with ``database is locked``; foreign keys are off by default in SQLite."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin_immediate(conn: Any) -> None:
+    # A deferred transaction that later writes can fail with SQLITE_BUSY when another writer got
+    # there first, without waiting on busy_timeout. BEGIN IMMEDIATE takes the write lock up front,
+    # so concurrent writers queue on the timeout instead.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Database:
+    """One engine plus its session factory. Built by the app lifespan, the worker or the CLI."""
+
+    def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
+        self.url = url
+        self.is_postgresql = is_postgresql(url)
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self.is_postgresql:
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        else:
+            kwargs.update(poolclass=NullPool, connect_args={"timeout": 30})
+        self.engine: AsyncEngine = create_async_engine(async_url(url), **kwargs)
+        if not self.is_postgresql:
+            sync_engine = self.engine.sync_engine
+            event.listen(sync_engine, "connect", _sqlite_connect)
+            event.listen(sync_engine, "begin", _sqlite_begin_immediate)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A session inside one transaction: committed on success, rolled back on error."""
+        async with self.sessions() as session, session.begin():
+            yield session
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_connect(dbapi_connection: Any, record: Any) -> None:
+    # Take over transaction control from pysqlite so that BEGIN IMMEDIATE is ours to issue.
+    dbapi_connection.isolation_level = None
+    configure_sqlite(dbapi_connection, record)

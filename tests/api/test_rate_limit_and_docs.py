@@ -1,0 +1,117 @@
+"""Rate limits per key (memory and Redis), offline docs and a valid OpenAPI 3.1 document."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import httpx
+import pytest
+import redis
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from openapi_spec_validator import validate
+
+from opensequence.api.app import create_app
+from opensequence.api.ratelimit import RateLimiter
+from opensequence.config import Settings
+from tests.helpers import assert_error, make_tenant
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"rate_limit": "100/minute"})
+
+
+async def test_101st_request_is_429_and_other_keys_are_unaffected(app: FastAPI) -> None:
+    first = await make_tenant(app, "busy")
+    second = await make_tenant(app, "quiet")
+    async with first.client, second.client:
+        for i in range(100):
+            response = await first.client.get("/me")
+            assert response.status_code == 200, (i, response.text)
+            assert response.headers["ratelimit-limit"] == "100"
+            assert response.headers["ratelimit-remaining"] == str(99 - i)
+            assert 0 <= int(response.headers["ratelimit-reset"]) <= 60
+        limited = await first.client.get("/me")
+        assert_error(limited, 429, "rate limit")
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        assert limited.headers["ratelimit-remaining"] == "0"
+        other = await second.client.get("/me")
+        assert other.status_code == 200
+        assert other.headers["ratelimit-remaining"] == "99"
+
+
+def _redis_available() -> bool:
+    try:
+        with redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+async def test_two_app_instances_share_one_budget_through_redis(settings: Settings) -> None:
+    if not _redis_available():
+        pytest.skip(f"Redis not reachable at {REDIS_URL}")
+    namespace = f"osq-test-{uuid.uuid4().hex}"
+    shared = settings.model_copy(update={"rate_limit": "10/minute", "redis_url": REDIS_URL})
+    first_app, second_app = create_app(shared), create_app(shared)
+    async with LifespanManager(first_app), LifespanManager(second_app):
+        # Both instances point at one Redis; a fresh namespace keeps runs apart.
+        for instance in (first_app, second_app):
+            instance.state.rate_limiter = RateLimiter("10/minute", REDIS_URL, namespace=namespace)
+        tenant = await make_tenant(first_app, "shared")
+        async with (
+            tenant.client as one,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=second_app),
+                base_url="http://testserver",
+                headers={"Authorization": f"Bearer {tenant.key}"},
+            ) as two,
+        ):
+            statuses = []
+            for i in range(10):
+                client = one if i % 2 == 0 else two
+                statuses.append((await client.get("/me")).status_code)
+            assert statuses == [200] * 10
+            assert_error(await one.get("/me"), 429)
+            assert_error(await two.get("/me"), 429)
+        for instance in (first_app, second_app):
+            await instance.state.rate_limiter.aclose()
+    with redis.Redis.from_url(REDIS_URL) as client:
+        for key in client.scan_iter(f"{namespace}*"):
+            client.delete(key)
+
+
+async def test_docs_load_with_assets_served_locally(anonymous: httpx.AsyncClient) -> None:
+    page = await anonymous.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+    assert assets, page.text
+    for asset in assets:
+        assert asset.startswith("/"), f"docs reference a remote asset: {asset}"
+        served = await anonymous.get(asset)
+        assert served.status_code == 200, asset
+        assert len(served.content) > 100
+
+
+async def test_openapi_is_valid_3_1_with_bearer_and_errordto(anonymous: httpx.AsyncClient) -> None:
+    document = (await anonymous.get("/openapi.json")).json()
+    assert document["openapi"].startswith("3.1")
+    validate(document)
+    assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    assert set(document["components"]["schemas"]["ErrorDto"]["properties"]) == {
+        "statusCode",
+        "message",
+        "error",
+    }
+    text = str(document)
+    assert "HTTPValidationError" not in text
+    me = document["paths"]["/me"]["get"]
+    assert me["security"] == [{"bearerAuth": []}]
+    for status in ("401", "429", "500"):
+        assert me["responses"][status]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorDto"
+        }

@@ -1,0 +1,138 @@
+"""The operator interface (SPEC §7), driven as a script or a person would: real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+OPENSEQUENCE = [sys.executable, "-m", "opensequence"]
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*OPENSEQUENCE, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def env(database_url: str, tmp_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENSEQUENCE_")}
+    return {
+        **clean,
+        "OPENSEQUENCE_DATABASE_URL": database_url,
+        "OPENSEQUENCE_MAIL_URL": f"maildir://{tmp_path / 'outbox'}",
+    }
+
+
+def test_keys_create_list_revoke(env: dict[str, str], tmp_path: Path) -> None:
+    created = run_cli(["keys", "create", "--org", "acme", "--json"], env, tmp_path)
+    assert created.returncode == 0, created.stderr
+    body = json.loads(created.stdout)
+    assert set(body) == {"org_id", "key_id", "key"}
+    scoped = run_cli(
+        [
+            "keys",
+            "create",
+            "--org",
+            "acme",
+            "--scope",
+            "contacts:read",
+            "--scope",
+            "sequences:read",
+        ],
+        env,
+        tmp_path,
+    )
+    assert scoped.returncode == 0, scoped.stderr
+    assert scoped.stdout.strip().startswith("osk_")
+
+    listed = run_cli(["keys", "list", "--org", "acme", "--json"], env, tmp_path)
+    keys = json.loads(listed.stdout)
+    assert [k["scopes"] for k in keys] == [["*"], ["contacts:read", "sequences:read"]]
+    assert keys[0]["key_id"] == body["key_id"]
+    assert body["key"].startswith(keys[0]["prefix"])
+    assert all(k["revoked_at"] is None for k in keys)
+    assert "osk_" not in listed.stdout.replace(keys[0]["prefix"], "").replace(keys[1]["prefix"], "")
+
+    revoked = run_cli(["keys", "revoke", body["key_id"]], env, tmp_path)
+    assert revoked.returncode == 0, revoked.stderr
+    keys = json.loads(run_cli(["keys", "list", "--org", "acme", "--json"], env, tmp_path).stdout)
+    assert keys[0]["revoked_at"] is not None and keys[0]["revoked_at"].endswith("Z")
+
+
+def test_usage_and_config_errors_exit_2_with_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    bad_scope = run_cli(["keys", "create", "--org", "x", "--scope", "root"], env, tmp_path)
+    assert bad_scope.returncode == 1
+    assert "unknown scope" in bad_scope.stderr
+    bad_env = run_cli(
+        ["keys", "list", "--org", "x"], {**env, "OPENSEQUENCE_DATABASE_URL": "mysql://x"}, tmp_path
+    )
+    assert bad_env.returncode == 2
+    assert bad_env.stderr.strip().count("\n") == 0
+    assert "OPENSEQUENCE_DATABASE_URL" in bad_env.stderr
+    bad_rate = run_cli(
+        ["keys", "list", "--org", "x"], {**env, "OPENSEQUENCE_RATE_LIMIT": "lots"}, tmp_path
+    )
+    assert bad_rate.returncode == 2 and "OPENSEQUENCE_RATE_LIMIT" in bad_rate.stderr
+    bad_id = run_cli(["keys", "revoke", "nope"], env, tmp_path)
+    assert bad_id.returncode == 2 and "KEY_ID" in bad_id.stderr
+    unknown_org = run_cli(["keys", "list", "--org", "nobody"], env, tmp_path)
+    assert unknown_org.returncode == 1 and "nobody" in unknown_org.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_serve_prints_one_working_key_once(env: dict[str, str], tmp_path: Path) -> None:
+    port = _free_port()
+    lines: list[str] = []
+    for attempt in range(2):
+        with subprocess.Popen(
+            [*OPENSEQUENCE, "serve", "--port", str(port)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        ) as process:
+            _check_serve(process, port, lines)
+        assert attempt == 0 or sum("API key: " in line for line in lines) == 1
+
+
+def _check_serve(process: subprocess.Popen[str], port: int, lines: list[str]) -> None:
+    try:
+        assert process.stdout is not None
+        listening = ""
+        while "listening" not in listening:
+            listening = process.stdout.readline()
+            assert listening, "serve exited early"
+            lines.append(listening)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "serve did not come up"
+                time.sleep(0.2)
+        assert health.status_code == 200
+        keys = [line.split("API key: ", 1)[1].strip() for line in lines if "API key: " in line]
+        assert len(keys) == 1, lines  # printed on the first start only
+        me = httpx.get(
+            f"http://127.0.0.1:{port}/me", headers={"Authorization": f"Bearer {keys[0]}"}
+        )
+        assert me.status_code == 200, me.text
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
