@@ -21,6 +21,7 @@ from opensequence.api.errors import install_error_handlers
 from opensequence.api.middleware import HttpMetrics, RequestContextMiddleware
 from opensequence.api.openapi import install_openapi
 from opensequence.api.ratelimit import RateLimiter
+from opensequence.clock import Clock, SystemClock
 from opensequence.config import Settings
 from opensequence.db import Database
 
@@ -40,6 +41,7 @@ def create_app(
     settings: Settings,
     *,
     background: list[BackgroundFactory] | None = None,
+    clock: Clock | None = None,
 ) -> FastAPI:
     """Build the app. ``background`` coroutines (e.g. the delivery worker under ``serve``) run
     for the lifetime of the app and are cancelled on shutdown."""
@@ -69,6 +71,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.clock = clock or SystemClock()
     app.state.registry = CollectorRegistry()
     install_error_handlers(app)
     install_openapi(app)

@@ -8,6 +8,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from opensequence.auth.service import Principal, authenticate
+from opensequence.clock import Clock
 from opensequence.config import Settings
 from opensequence.db import Database
 from opensequence.errors import Forbidden, RateLimited, Unauthorized
@@ -32,6 +33,12 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+def get_clock(request: Request) -> Clock:
+    clock: Clock = request.app.state.clock
+    return clock
+
+
+ClockDep = Annotated[Clock, Depends(get_clock)]
 DbDep = Annotated[Database, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 

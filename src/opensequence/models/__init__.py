@@ -2,7 +2,26 @@
 
 from opensequence.models.api_key import ApiKey
 from opensequence.models.base import Base
+from opensequence.models.contact import Contact
+from opensequence.models.enrollment import Enrollment
+from opensequence.models.idempotency_key import IdempotencyKey
+from opensequence.models.message import Message
 from opensequence.models.organization import Organization
+from opensequence.models.run import Run, RunItem
+from opensequence.models.sequence import Sequence, SequenceStep
 from opensequence.models.system_setting import SystemSetting
 
-__all__ = ["ApiKey", "Base", "Organization", "SystemSetting"]
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Contact",
+    "Enrollment",
+    "IdempotencyKey",
+    "Message",
+    "Organization",
+    "Run",
+    "RunItem",
+    "Sequence",
+    "SequenceStep",
+    "SystemSetting",
+]

@@ -1,0 +1,82 @@
+"""Input rules shared by every wire model (SPEC §1 limits, the seed's patterns)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field
+
+# The seed document's patterns, verbatim. The email pattern uses look-aheads, so models that
+# use it need ``ConfigDict(regex_engine="python-re")``.
+SEED_ID_PATTERN = (
+    r"^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[1-8][0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}"
+    r"|00000000-0000-0000-0000-000000000000|ffffffff-ffff-ffff-ffff-ffffffffffff)$"
+)
+SEED_EMAIL_PATTERN = (
+    r"^(?!\.)(?!.*\.\.)([A-Za-z0-9_'+\-\.]*)[A-Za-z0-9_+-]"
+    r"@([A-Za-z0-9][A-Za-z0-9\-]*\.)+[A-Za-z]{2,}$"
+)
+SEED_ID_RE = re.compile(SEED_ID_PATTERN)
+SEED_EMAIL_RE = re.compile(SEED_EMAIL_PATTERN)
+
+MAX_NAME = 256
+MAX_EMAIL = 320
+MAX_PHONE = 64
+MAX_CUSTOM_KEYS = 100
+MAX_CUSTOM_KEY = 128
+MAX_CUSTOM_STRING = 4096
+MAX_TEMPLATE_BYTES = 256 * 1024
+MAX_STEPS = 100
+
+# C0 controls except tab, LF and CR (SPEC §1).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def reject_control_chars(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def reject_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def is_seed_email(value: str) -> bool:
+    return SEED_EMAIL_RE.match(value) is not None
+
+
+def is_seed_id(value: str) -> bool:
+    return SEED_ID_RE.match(value) is not None
+
+
+CleanText = Annotated[str, AfterValidator(reject_control_chars)]
+Name = Annotated[str, Field(max_length=MAX_NAME), AfterValidator(reject_control_chars)]
+Email = Annotated[
+    str,
+    Field(max_length=MAX_EMAIL, pattern=SEED_EMAIL_PATTERN, json_schema_extra={"format": "email"}),
+]
+Phone = Annotated[str, Field(max_length=MAX_PHONE), AfterValidator(reject_control_chars)]
+
+CustomValue = str | int | float | bool | None
+
+
+def check_custom_data(value: dict[str, Any]) -> dict[str, Any]:
+    """Flat JSON objects only: ≤ 100 keys of ≤ 128 chars; scalar values, strings ≤ 4,096."""
+    if len(value) > MAX_CUSTOM_KEYS:
+        raise ValueError(f"at most {MAX_CUSTOM_KEYS} keys")
+    for key, item in value.items():
+        if len(key) > MAX_CUSTOM_KEY:
+            raise ValueError(f"key {key[:32]!r}… is longer than {MAX_CUSTOM_KEY} characters")
+        reject_control_chars(key)
+        if isinstance(item, str):
+            if len(item) > MAX_CUSTOM_STRING:
+                raise ValueError(f"value of {key!r} is longer than {MAX_CUSTOM_STRING} characters")
+            reject_control_chars(item)
+    return value
+
+
+CustomData = Annotated[dict[str, CustomValue], AfterValidator(check_custom_data)]
