@@ -1,0 +1,1 @@
+"""Sequences: a contact filter plus timed steps (SPEC §3)."""

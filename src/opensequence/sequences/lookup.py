@@ -1,0 +1,40 @@
+"""Find a sequence of an organization by id or custom_id (every ``{sequence_id}`` path)."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from opensequence.errors import NotFound
+from opensequence.models import Sequence
+
+
+def parse_uuid(value: str) -> uuid.UUID | None:
+    """A UUID in any case (SPEC §1), or None."""
+    try:
+        return uuid.UUID(value) if len(value) == 36 else None
+    except ValueError:
+        return None
+
+
+async def get_sequence(
+    session: AsyncSession, org_id: uuid.UUID, ref: str, *, for_update: bool = False
+) -> Sequence:
+    """The sequence whose id or custom_id is ``ref``; another organization's → NotFound.
+
+    An id wins over a custom_id that happens to spell the same UUID. ``for_update`` locks the
+    row on PostgreSQL (SQLite already serialises writers).
+    """
+    as_id = parse_uuid(ref)
+    found: Sequence | None = None
+    if as_id is not None:
+        query = select(Sequence).where(Sequence.org_id == org_id, Sequence.id == as_id)
+        found = await session.scalar(query.with_for_update() if for_update else query)
+    if found is None:
+        query = select(Sequence).where(Sequence.org_id == org_id, Sequence.custom_id == ref)
+        found = await session.scalar(query.with_for_update() if for_update else query)
+    if found is None:
+        raise NotFound(f"sequence {ref!r} not found")
+    return found
