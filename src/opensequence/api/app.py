@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse
 from opensequence import __version__
 from opensequence.api import health
 from opensequence.api.errors import install_error_handlers
+from opensequence.api.idempotency import IdempotencyMiddleware
 from opensequence.api.middleware import HttpMetrics, RequestContextMiddleware
 from opensequence.api.openapi import install_openapi
 from opensequence.api.ratelimit import RateLimiter
@@ -92,6 +93,7 @@ def create_app(
     for router in _domain_routers():
         app.include_router(router)
 
+    app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=HttpMetrics(app.state.registry))
     return app
 
