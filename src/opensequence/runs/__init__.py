@@ -1,0 +1,1 @@
+"""Runs: batches of enrollments (add-contacts, start, import) with per-item outcomes (SPEC §4)."""

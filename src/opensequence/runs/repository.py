@@ -1,0 +1,181 @@
+"""All SQL of runs and add-contacts. Bulk statements only: a request of 10,000 items costs a
+handful of statements (chunked where a single statement would exceed the drivers' parameter
+limits), never a round trip per item."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from opensequence.db.dialect import insert_for
+from opensequence.models import Contact, Enrollment, Run, RunItem, SequenceStep
+
+CHUNK = 2000
+
+
+def chunks(values: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+async def first_step_delay(session: AsyncSession, sequence_id: uuid.UUID) -> float:
+    delay = await session.scalar(
+        select(SequenceStep.delay_in_minutes).where(
+            SequenceStep.sequence_id == sequence_id, SequenceStep.step_index == 0
+        )
+    )
+    return float(delay or 0.0)
+
+
+async def contact_facts(
+    session: AsyncSession, org_id: uuid.UUID, contact_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, tuple[str | None, datetime]]:
+    """``id → (email, created_at)`` for the given contacts of the organization."""
+    facts: dict[uuid.UUID, tuple[str | None, datetime]] = {}
+    for part in chunks(contact_ids):
+        rows = await session.execute(
+            select(Contact.id, Contact.email, Contact.created_at).where(
+                Contact.org_id == org_id, Contact.id.in_(part)
+            )
+        )
+        for contact_id, email, created_at in rows:
+            facts[contact_id] = (email, created_at)
+    return facts
+
+
+async def enrolled_sequences(
+    session: AsyncSession,
+    contact_ids: Sequence[uuid.UUID],
+    sequence_ids: Iterable[uuid.UUID],
+) -> dict[uuid.UUID, set[uuid.UUID]]:
+    """For ``contacts_affected_by_sequence``: which of the given sequences each contact was ever
+    enrolled in (any status)."""
+    wanted = list(sequence_ids)
+    found: dict[uuid.UUID, set[uuid.UUID]] = {}
+    if not wanted or not contact_ids:
+        return found
+    for part in chunks(contact_ids):
+        rows = await session.execute(
+            select(Enrollment.contact_id, Enrollment.sequence_id).where(
+                Enrollment.contact_id.in_(part), Enrollment.sequence_id.in_(wanted)
+            )
+        )
+        for contact_id, sequence_id in rows:
+            found.setdefault(contact_id, set()).add(sequence_id)
+    return found
+
+
+async def insert_run(
+    session: AsyncSession,
+    *,
+    org_id: uuid.UUID,
+    sequence_id: uuid.UUID,
+    kind: str,
+    total: int,
+    now: datetime,
+) -> uuid.UUID:
+    run = Run(
+        org_id=org_id, sequence_id=sequence_id, kind=kind, total=total, counts={}, created_at=now
+    )
+    session.add(run)
+    await session.flush()
+    return run.id
+
+
+async def set_run_counts(session: AsyncSession, run_id: uuid.UUID, counts: dict[str, int]) -> None:
+    await session.execute(update(Run).where(Run.id == run_id).values(counts=counts))
+
+
+async def insert_enrollments(
+    session: AsyncSession,
+    *,
+    org_id: uuid.UUID,
+    sequence_id: uuid.UUID,
+    run_id: uuid.UUID,
+    contact_ids: Sequence[uuid.UUID],
+    due_at: datetime,
+    now: datetime,
+    new_id: Any,
+) -> set[uuid.UUID]:
+    """Enroll the contacts; returns those actually enrolled. The unique (sequence, contact)
+    constraint decides ``already_enrolled``, also against a concurrent request enrolling the
+    same contact: ``ON CONFLICT DO NOTHING RETURNING`` reports only rows this statement wrote."""
+    enrolled: set[uuid.UUID] = set()
+    table = Enrollment.__table__
+    for part in chunks(contact_ids, 1000):
+        rows = [
+            {
+                "id": new_id(),
+                "org_id": org_id,
+                "sequence_id": sequence_id,
+                "contact_id": contact_id,
+                "run_id": run_id,
+                "run_index": None,
+                "status": "active",
+                "current_step": 0,
+                "next_step_at": due_at,
+                "waiting_reason": None,
+                "attempts": 0,
+                "locked_until": None,
+                "locked_by": None,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for contact_id in part
+        ]
+        statement = (
+            insert_for(session, table)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["sequence_id", "contact_id"])
+            .returning(table.c.contact_id)
+        )
+        enrolled.update((await session.scalars(statement)).all())
+    return enrolled
+
+
+async def insert_run_items(session: AsyncSession, items: Sequence[dict[str, Any]]) -> None:
+    table = RunItem.__table__
+    for part in chunks(items, 1000):
+        await session.execute(insert_for(session, table).values(list(part)))
+
+
+async def get_run(
+    session: AsyncSession, org_id: uuid.UUID, sequence_id: uuid.UUID, run_id: uuid.UUID
+) -> Run | None:
+    result: Run | None = await session.scalar(
+        select(Run).where(Run.id == run_id, Run.org_id == org_id, Run.sequence_id == sequence_id)
+    )
+    return result
+
+
+async def list_run_items(
+    session: AsyncSession,
+    run_id: uuid.UUID,
+    *,
+    outcome: str | None,
+    after_index: int,
+    limit: int,
+) -> list[RunItem]:
+    query = select(RunItem).where(RunItem.run_id == run_id, RunItem.item_index > after_index)
+    if outcome is not None:
+        query = query.where(RunItem.outcome == outcome)
+    rows = await session.scalars(query.order_by(RunItem.item_index).limit(limit))
+    return list(rows)
+
+
+async def list_start_run_items(
+    session: AsyncSession, run_id: uuid.UUID, *, after_index: int, limit: int
+) -> list[tuple[int, uuid.UUID]]:
+    """A start run's items are its enrollments, in ``run_index`` order."""
+    rows = await session.execute(
+        select(Enrollment.run_index, Enrollment.contact_id)
+        .where(and_(Enrollment.run_id == run_id, Enrollment.run_index > after_index))
+        .order_by(Enrollment.run_index)
+        .limit(limit)
+    )
+    return [(int(index), contact_id) for index, contact_id in rows]

@@ -1,0 +1,231 @@
+"""Adding contacts to a continuous sequence (SPEC §4) and reading runs back.
+
+Everything happens in the caller's single transaction; on any error nothing is written.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from opensequence.contacts.service import IdentifierInput, resolve_contacts
+from opensequence.db.types import new_id
+from opensequence.errors import Conflict, Invalid, NotFound
+from opensequence.filters import ContactFacts, explain, parse_filter, referenced_sequence_ids
+from opensequence.models import Run
+from opensequence.models.run import OUTCOMES
+from opensequence.pagination import decode_cursor, encode_cursor
+from opensequence.runs import repository as repo
+from opensequence.runs.intake import Item
+from opensequence.sequences.lookup import get_sequence, parse_uuid
+
+
+def empty_counts() -> dict[str, int]:
+    return dict.fromkeys(OUTCOMES, 0)
+
+
+async def add_contacts_to_sequence(
+    session: AsyncSession,
+    org_id: uuid.UUID,
+    sequence_ref: str,
+    items: list[Item],
+    *,
+    now: datetime,
+) -> uuid.UUID:
+    """Resolve (creating missing contacts), filter, enroll; store the run and one result row
+    per item. Returns the run id.
+
+    Concurrency: the sequence row is read with a shared lock on PostgreSQL, so a concurrent
+    cancel (which takes an exclusive lock) cannot interleave, while concurrent add-contacts
+    requests proceed side by side; ``already_enrolled`` is decided by the unique
+    (sequence, contact) constraint at insert time, so two overlapping requests enroll each
+    contact exactly once and each run reports what it actually did.
+    """
+    sequence = await get_sequence(session, org_id, sequence_ref, lock="share")
+    if not sequence.is_continuous:
+        raise Conflict(
+            "contacts can only be added to a continuous sequence; start a one-off sequence "
+            "with PUT /sequences/{id}/start"
+        )
+    if sequence.status in ("canceled", "complete"):
+        raise Conflict(f"sequence is {sequence.status}; contacts can no longer be added")
+
+    run_id = await repo.insert_run(
+        session,
+        org_id=org_id,
+        sequence_id=sequence.id,
+        kind="add_contacts",
+        total=len(items),
+        now=now,
+    )
+    results = await _resolve(session, org_id, items, now)
+
+    outcome: dict[int, tuple[str, str | None]] = {}
+    first_seen: dict[uuid.UUID, int] = {}
+    candidates: list[uuid.UUID] = []
+    for item in items:
+        contact_id = results[item.index][0]
+        if contact_id is None:
+            outcome[item.index] = ("not_found", None)
+        elif contact_id in first_seen:
+            outcome[item.index] = ("duplicate_in_request", None)
+        else:
+            first_seen[contact_id] = item.index
+            candidates.append(contact_id)
+
+    composite = parse_filter(sequence.filter)
+    eligible = candidates
+    if composite is not None:
+        facts = await repo.contact_facts(session, org_id, candidates)
+        enrolled_in = await repo.enrolled_sequences(
+            session, candidates, referenced_sequence_ids(composite)
+        )
+        eligible = []
+        for contact_id in candidates:
+            email, created_at = facts[contact_id]
+            why = explain(
+                composite,
+                ContactFacts(
+                    id=contact_id,
+                    email=email,
+                    created_at=created_at,
+                    enrolled_sequence_ids=frozenset(enrolled_in.get(contact_id, ())),
+                ),
+            )
+            if why is None:
+                eligible.append(contact_id)
+            else:
+                outcome[first_seen[contact_id]] = ("filtered_out", why)
+
+    delay = await repo.first_step_delay(session, sequence.id)
+    enrolled = await repo.insert_enrollments(
+        session,
+        org_id=org_id,
+        sequence_id=sequence.id,
+        run_id=run_id,
+        contact_ids=eligible,
+        due_at=now + timedelta(minutes=delay),
+        now=now,
+        new_id=new_id,
+    )
+    for contact_id in eligible:
+        index = first_seen[contact_id]
+        if contact_id not in enrolled:
+            outcome[index] = ("already_enrolled", None)
+        elif results[index][1]:
+            outcome[index] = ("created_and_added", None)
+        else:
+            outcome[index] = ("added", None)
+
+    counts = empty_counts()
+    rows: list[dict[str, Any]] = []
+    for item in items:
+        name, reason = outcome[item.index]
+        counts[name] += 1
+        rows.append(
+            {
+                "run_id": run_id,
+                "item_index": item.index,
+                "input": item.raw,
+                "contact_id": results[item.index][0],
+                "outcome": name,
+                "reason": reason,
+            }
+        )
+    await repo.insert_run_items(session, rows)
+    await repo.set_run_counts(session, run_id, counts)
+    return run_id
+
+
+async def _resolve(
+    session: AsyncSession, org_id: uuid.UUID, items: list[Item], now: datetime
+) -> dict[int, tuple[uuid.UUID | None, bool]]:
+    """``item index → (contact id or None, created)``. Items are handed to the contacts
+    service in one call (its bulk resolve is set-based); a blank phone number identifies
+    nobody and is answered here without a lookup."""
+    results: dict[int, tuple[uuid.UUID | None, bool]] = {}
+    wanted: list[Item] = []
+    for item in items:
+        if item.kind == "phone_number" and not (item.phone_number or "").strip():
+            results[item.index] = (None, False)
+        else:
+            wanted.append(item)
+    resolved = await resolve_contacts(
+        session,
+        org_id,
+        [
+            IdentifierInput(
+                id=item.id,
+                email=item.email,
+                phone_number=item.phone_number if (item.phone_number or "").strip() else None,
+                name=item.name,
+                custom_data=item.custom_data,
+            )
+            for item in wanted
+        ],
+        now=now,
+    )
+    for item, found in zip(wanted, resolved, strict=True):
+        results[item.index] = (found.contact_id, found.created)
+    return results
+
+
+@dataclass(frozen=True)
+class RunItemView:
+    index: int
+    input: dict[str, Any]
+    contact_id: uuid.UUID | None
+    outcome: str
+    reason: str | None
+
+
+async def get_run(session: AsyncSession, org_id: uuid.UUID, sequence_ref: str, run_ref: str) -> Run:
+    sequence = await get_sequence(session, org_id, sequence_ref)
+    run_id = parse_uuid(run_ref)
+    run = None if run_id is None else await repo.get_run(session, org_id, sequence.id, run_id)
+    if run is None:
+        raise NotFound(f"run {run_ref!r} not found in sequence {sequence_ref!r}")
+    return run
+
+
+async def list_run_items(
+    session: AsyncSession,
+    org_id: uuid.UUID,
+    sequence_ref: str,
+    run_ref: str,
+    *,
+    outcome: str | None,
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[RunItemView], str | None]:
+    run = await get_run(session, org_id, sequence_ref, run_ref)
+    position = decode_cursor(cursor)
+    after = -1
+    if position is not None:
+        value = position.get("i")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise Invalid("cursor: not a cursor issued by this API")
+        after = value
+    views: list[RunItemView]
+    if run.kind == "start":
+        if outcome not in (None, "added"):
+            return [], None
+        pairs = await repo.list_start_run_items(session, run.id, after_index=after, limit=limit)
+        views = [
+            RunItemView(index, {"id": str(contact_id)}, contact_id, "added", None)
+            for index, contact_id in pairs
+        ]
+    else:
+        rows = await repo.list_run_items(
+            session, run.id, outcome=outcome, after_index=after, limit=limit
+        )
+        views = [
+            RunItemView(row.item_index, row.input, row.contact_id, row.outcome, row.reason)
+            for row in rows
+        ]
+    next_cursor = encode_cursor({"i": views[-1].index}) if len(views) == limit else None
+    return views, next_cursor
