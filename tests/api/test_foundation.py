@@ -154,3 +154,23 @@ async def test_org_id_of_key_is_the_tenant(app: FastAPI) -> None:
         assert (await second.client.get("/me")).json()["org_id"] == str(second.org_id)
         assert first.org_id != second.org_id
     assert isinstance(first.org_id, uuid.UUID)
+
+
+async def test_non_json_bodies_are_415_and_deep_nesting_is_400(tenant: Tenant) -> None:
+    url = "/_probe/write"
+    body = b'{"name": "a", "count": 1}'
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/xml"):
+        response = await tenant.client.post(
+            url, content=body, headers={"content-type": content_type}
+        )
+        assert_error(response, 415, "application/json")
+    ok = await tenant.client.post(
+        url, content=body, headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert ok.status_code == 200
+    deep = b"[" * 100_000 + b"]" * 100_000
+    response = await tenant.client.post(
+        url, content=deep, headers={"content-type": "application/json"}
+    )
+    assert_error(response, 400)
+    assert (await tenant.client.get("/me")).status_code == 200

@@ -86,6 +86,9 @@ class RequestContextMiddleware:
             if declared is not None and declared > self.max_body:
                 await self._send_error(send_wrapper, 413, self._too_large_message())
                 return
+            if _has_non_json_body(scope, declared):
+                await self._send_error(send_wrapper, 415, "Content-Type must be application/json")
+                return
             await self.app(scope, self._limited(receive), send_wrapper)
         except BodyTooLarge:
             if not status_holder["started"]:
@@ -143,6 +146,23 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+# RFC 8058 one-click unsubscribes arrive as form posts from mail providers.
+_FORM_PATHS = ("/unsubscribe/",)
+
+
+def _has_non_json_body(scope: Scope, declared: int | None) -> bool:
+    """A request that carries a body in anything but JSON (our API speaks JSON only)."""
+    if scope.get("method") not in ("POST", "PUT", "PATCH"):
+        return False
+    if str(scope.get("path", "")).startswith(_FORM_PATHS):
+        return False
+    headers = dict(scope.get("headers", []))
+    if declared == 0 or (declared is None and b"transfer-encoding" not in headers):
+        return False
+    content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    return not (content_type == b"application/json" or content_type.endswith(b"+json"))
 
 
 def _incoming_request_id(scope: Scope) -> str | None:

@@ -16,6 +16,7 @@ _ERROR_DESCRIPTIONS = {
     "404": "Not found (also for another organization's ids)",
     "409": "Conflict with the current state",
     "413": "Request body or item count over the limit",
+    "415": "The body is not JSON (Content-Type must be application/json)",
     "429": "Rate limited (see Retry-After)",
     "500": "Internal Server Error",
 }
@@ -63,6 +64,10 @@ def install_openapi(app: FastAPI) -> None:
                     del responses["422"]
                     responses.setdefault("400", _error_entry("400"))
                 responses.setdefault("500", _error_entry("500"))
+                if "requestBody" in operation:
+                    responses.setdefault("400", _error_entry("400"))
+                    responses.setdefault("413", _error_entry("413"))
+                    responses.setdefault("415", _error_entry("415"))
                 if operation.get("security"):
                     for status in ("401", "429"):
                         responses.setdefault(status, _error_entry(status))
