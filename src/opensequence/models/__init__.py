@@ -8,7 +8,9 @@ from opensequence.models.idempotency_key import IdempotencyKey
 from opensequence.models.message import Message
 from opensequence.models.organization import Organization
 from opensequence.models.run import Run, RunItem
+from opensequence.models.sender_limit import SenderLimit
 from opensequence.models.sequence import Sequence, SequenceStep
+from opensequence.models.suppression import Suppression
 from opensequence.models.system_setting import SystemSetting
 
 __all__ = [
@@ -21,7 +23,9 @@ __all__ = [
     "Organization",
     "Run",
     "RunItem",
+    "SenderLimit",
     "Sequence",
     "SequenceStep",
+    "Suppression",
     "SystemSetting",
 ]

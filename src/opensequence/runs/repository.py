@@ -178,4 +178,4 @@ async def list_start_run_items(
         .order_by(Enrollment.run_index)
         .limit(limit)
     )
-    return [(int(index), contact_id) for index, contact_id in rows]
+    return [(index, contact_id) for index, contact_id in rows if index is not None]

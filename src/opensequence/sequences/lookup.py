@@ -52,7 +52,7 @@ async def get_sequence(
     return found
 
 
-def _locked(query: Select[tuple[Sequence]], lock: str | None) -> Select[tuple[Sequence]]:
+def _locked(query: Select[Sequence], lock: str | None) -> Select[Sequence]:
     if lock == "update":
         return query.with_for_update()
     if lock == "share":

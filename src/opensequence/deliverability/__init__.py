@@ -1,0 +1,1 @@
+"""Deliverability: the suppression list and per-sender throttles (SPEC §5, §6)."""

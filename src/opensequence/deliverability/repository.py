@@ -1,0 +1,110 @@
+"""All SQL of suppressions and sender limits."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from opensequence.db.dialect import insert_for
+from opensequence.models import SenderLimit, Suppression
+
+
+async def get_suppression(
+    session: AsyncSession, org_id: uuid.UUID, normalized: str
+) -> Suppression | None:
+    found: Suppression | None = await session.get(Suppression, (org_id, normalized))
+    return found
+
+
+async def upsert_suppression(
+    session: AsyncSession,
+    org_id: uuid.UUID,
+    email: str,
+    normalized: str,
+    reason: str,
+    now: datetime,
+) -> None:
+    statement = insert_for(session, Suppression).values(
+        org_id=org_id, email_normalized=normalized, email=email, reason=reason, created_at=now
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["org_id", "email_normalized"], set_={"reason": reason}
+        )
+    )
+
+
+async def delete_suppression(session: AsyncSession, org_id: uuid.UUID, normalized: str) -> bool:
+    result = await session.execute(
+        delete(Suppression).where(
+            Suppression.org_id == org_id, Suppression.email_normalized == normalized
+        )
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def list_suppressions(
+    session: AsyncSession, org_id: uuid.UUID, *, after: str | None, limit: int
+) -> list[Suppression]:
+    query = select(Suppression).where(Suppression.org_id == org_id)
+    if after is not None:
+        query = query.where(Suppression.email_normalized > after)
+    rows = await session.scalars(query.order_by(Suppression.email_normalized).limit(limit))
+    return list(rows)
+
+
+async def suppression_reasons(
+    session: AsyncSession, org_id: uuid.UUID, normalized: Sequence[str]
+) -> dict[str, str]:
+    """``normalized email → reason`` for those of the addresses that are suppressed."""
+    if not normalized:
+        return {}
+    rows = await session.execute(
+        select(Suppression.email_normalized, Suppression.reason).where(
+            Suppression.org_id == org_id, Suppression.email_normalized.in_(list(normalized))
+        )
+    )
+    return {email: reason for email, reason in rows}
+
+
+async def upsert_sender_limit(
+    session: AsyncSession,
+    org_id: uuid.UUID,
+    sender: str,
+    limits: dict[str, int | None],
+    now: datetime,
+) -> None:
+    statement = insert_for(session, SenderLimit).values(
+        org_id=org_id, sender=sender, created_at=now, **limits
+    )
+    await session.execute(
+        statement.on_conflict_do_update(index_elements=["org_id", "sender"], set_=limits)
+    )
+
+
+async def get_sender_limit(
+    session: AsyncSession, org_id: uuid.UUID, sender: str
+) -> SenderLimit | None:
+    found: SenderLimit | None = await session.get(SenderLimit, (org_id, sender))
+    return found
+
+
+async def delete_sender_limit(session: AsyncSession, org_id: uuid.UUID, sender: str) -> bool:
+    result = await session.execute(
+        delete(SenderLimit).where(SenderLimit.org_id == org_id, SenderLimit.sender == sender)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def list_sender_limits(
+    session: AsyncSession, org_id: uuid.UUID, *, after: str | None, limit: int
+) -> list[SenderLimit]:
+    query = select(SenderLimit).where(SenderLimit.org_id == org_id)
+    if after is not None:
+        query = query.where(SenderLimit.sender > after)
+    rows = await session.scalars(query.order_by(SenderLimit.sender).limit(limit))
+    return list(rows)

@@ -1,0 +1,134 @@
+"""Rules of the suppression list and sender limits. Takes a session; never commits."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from opensequence.deliverability import repository as repo
+from opensequence.errors import Invalid, NotFound
+from opensequence.models import SenderLimit, Suppression
+from opensequence.pagination import decode_cursor, encode_cursor
+from opensequence.validation import is_seed_email
+
+# Stronger reasons win: an address that bounced stays bounced when it later unsubscribes.
+_RANK = {"unsubscribed": 0, "manual": 1, "complained": 2, "bounced": 3}
+# Which reasons block transactional mail too (SPEC §6): all but a marketing unsubscribe.
+BLOCKS_TRANSACTIONAL = frozenset({"bounced", "complained", "manual"})
+# Skip reason recorded on a message for each suppression reason.
+SKIP_REASON = {
+    "unsubscribed": "unsubscribed",
+    "bounced": "bounced",
+    "complained": "suppressed",
+    "manual": "suppressed",
+}
+
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+
+
+def normalise_email(email: str) -> str:
+    return email.strip().lower()
+
+
+async def suppress(
+    session: AsyncSession, org_id: uuid.UUID, email: str, reason: str, now: datetime
+) -> bool:
+    """Add ``email`` to the organization's suppression list, or strengthen its reason.
+    Returns True when the entry is new."""
+    normalized = normalise_email(email)
+    existing = await repo.get_suppression(session, org_id, normalized)
+    if existing is not None and _RANK[existing.reason] >= _RANK[reason]:
+        return False
+    await repo.upsert_suppression(session, org_id, email, normalized, reason, now)
+    return existing is None
+
+
+async def unsuppress(session: AsyncSession, org_id: uuid.UUID, email: str) -> None:
+    if not await repo.delete_suppression(session, org_id, normalise_email(email)):
+        raise NotFound(f"{email!r} is not on the suppression list")
+
+
+async def get_suppression(session: AsyncSession, org_id: uuid.UUID, email: str) -> Suppression:
+    found = await repo.get_suppression(session, org_id, normalise_email(email))
+    if found is None:
+        raise NotFound(f"{email!r} is not on the suppression list")
+    return found
+
+
+async def list_suppressions(
+    session: AsyncSession, org_id: uuid.UUID, *, cursor: str | None, limit: int
+) -> tuple[list[Suppression], str | None]:
+    after = _cursor_key(cursor)
+    rows = await repo.list_suppressions(session, org_id, after=after, limit=limit)
+    following = encode_cursor({"k": rows[-1].email_normalized}) if len(rows) == limit else None
+    return rows, following
+
+
+def blocking_reason(reason: str | None, *, transactional: bool) -> str | None:
+    """The message skip reason when a suppression of ``reason`` blocks this kind of mail."""
+    if reason is None:
+        return None
+    if transactional and reason not in BLOCKS_TRANSACTIONAL:
+        return None
+    return SKIP_REASON[reason]
+
+
+def normalise_sender(sender: str) -> str:
+    """A sender is an email address (seed pattern) or a domain; compared lower-cased."""
+    value = sender.strip()
+    if "@" in value:
+        if not is_seed_email(value):
+            raise Invalid("sender: must be an email address or a domain name")
+        return value.lower()
+    if not _DOMAIN.match(value.lower()):
+        raise Invalid("sender: must be an email address or a domain name")
+    return value.lower()
+
+
+async def put_sender_limit(
+    session: AsyncSession,
+    org_id: uuid.UUID,
+    sender: str,
+    limits: dict[str, int | None],
+    now: datetime,
+) -> SenderLimit:
+    key = normalise_sender(sender)
+    await repo.upsert_sender_limit(session, org_id, key, limits, now)
+    found = await repo.get_sender_limit(session, org_id, key)
+    assert found is not None
+    await session.refresh(found)
+    return found
+
+
+async def get_sender_limit(session: AsyncSession, org_id: uuid.UUID, sender: str) -> SenderLimit:
+    found = await repo.get_sender_limit(session, org_id, normalise_sender(sender))
+    if found is None:
+        raise NotFound(f"no sender limit for {sender!r}")
+    return found
+
+
+async def delete_sender_limit(session: AsyncSession, org_id: uuid.UUID, sender: str) -> None:
+    if not await repo.delete_sender_limit(session, org_id, normalise_sender(sender)):
+        raise NotFound(f"no sender limit for {sender!r}")
+
+
+async def list_sender_limits(
+    session: AsyncSession, org_id: uuid.UUID, *, cursor: str | None, limit: int
+) -> tuple[list[SenderLimit], str | None]:
+    after = _cursor_key(cursor)
+    rows = await repo.list_sender_limits(session, org_id, after=after, limit=limit)
+    following = encode_cursor({"k": rows[-1].sender}) if len(rows) == limit else None
+    return rows, following
+
+
+def _cursor_key(cursor: str | None) -> str | None:
+    position = decode_cursor(cursor)
+    if position is None:
+        return None
+    key = position.get("k")
+    if not isinstance(key, str):
+        raise Invalid("cursor: not a cursor issued by this API")
+    return key
