@@ -1,0 +1,218 @@
+"""All SQL for contacts. Bulk helpers take whole collections and chunk them, so a 10,000-item
+resolve is a handful of statements on both databases (DESIGN rule 2).
+
+Chunk sizes keep every statement under the bind-parameter limits: SQLite allows 32,766
+parameters per statement, PostgreSQL 65,535.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, Select, and_, delete, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from opensequence.models import Contact, Enrollment, Message
+
+T = TypeVar("T")
+
+SELECT_CHUNK = 5000
+# 9 columns per contact row: 2,000 rows = 18,000 parameters.
+INSERT_CHUNK = 2000
+
+
+def chunked(values: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def dialect_insert(session: AsyncSession, table: Any) -> Any:
+    """``INSERT`` with ``ON CONFLICT`` support for the session's database."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+async def existing_ids(
+    session: AsyncSession, org_id: uuid.UUID, ids: Iterable[uuid.UUID]
+) -> set[uuid.UUID]:
+    wanted = sorted(set(ids))
+    found: set[uuid.UUID] = set()
+    for part in chunked(wanted, SELECT_CHUNK):
+        rows = await session.scalars(
+            select(Contact.id).where(Contact.org_id == org_id, Contact.id.in_(part))
+        )
+        found.update(rows)
+    return found
+
+
+async def ids_by_email(
+    session: AsyncSession, org_id: uuid.UUID, normalized: Iterable[str]
+) -> dict[str, uuid.UUID]:
+    """``email_normalized → id`` for those of ``normalized`` that exist in the organization."""
+    wanted = sorted(set(normalized))
+    found: dict[str, uuid.UUID] = {}
+    for part in chunked(wanted, SELECT_CHUNK):
+        rows = await session.execute(
+            select(Contact.email_normalized, Contact.id).where(
+                Contact.org_id == org_id, Contact.email_normalized.in_(part)
+            )
+        )
+        found.update({str(key): contact_id for key, contact_id in rows})
+    return found
+
+
+async def ids_by_phone(
+    session: AsyncSession, org_id: uuid.UUID, phones: Iterable[str]
+) -> dict[str, uuid.UUID]:
+    """``phone_number → id`` for those of ``phones`` (already normalized) that exist."""
+    wanted = sorted(set(phones))
+    found: dict[str, uuid.UUID] = {}
+    for part in chunked(wanted, SELECT_CHUNK):
+        rows = await session.execute(
+            select(Contact.phone_number, Contact.id).where(
+                Contact.org_id == org_id, Contact.phone_number.in_(part)
+            )
+        )
+        found.update({str(key): contact_id for key, contact_id in rows})
+    return found
+
+
+async def insert_contacts_ignoring_conflicts(
+    session: AsyncSession, rows: Sequence[dict[str, Any]]
+) -> set[uuid.UUID]:
+    """Insert ``rows`` (full column dicts, ids pre-generated) with ``ON CONFLICT DO NOTHING``
+    on any unique constraint; returns the ids that were actually inserted.
+
+    Concurrency: on PostgreSQL a row whose email or phone another transaction inserted but has
+    not committed yet makes this statement wait for that transaction; it is then skipped (the
+    other committed) or inserted (the other rolled back). Either way a re-select afterwards (a
+    new READ COMMITTED snapshot) finds exactly one contact. On SQLite writers are serialised by
+    ``BEGIN IMMEDIATE``, so no conflict can appear between the caller's select and this insert.
+    """
+    inserted: set[uuid.UUID] = set()
+    for part in chunked(rows, INSERT_CHUNK):
+        statement = (
+            dialect_insert(session, Contact.__table__)
+            .values(list(part))
+            .on_conflict_do_nothing()
+            .returning(Contact.__table__.c.id)
+        )
+        result = await session.execute(statement)
+        inserted.update(result.scalars())
+    return inserted
+
+
+async def get_by_id(session: AsyncSession, org_id: uuid.UUID, contact_id: uuid.UUID) -> Contact:
+    found = await session.scalar(
+        select(Contact).where(Contact.org_id == org_id, Contact.id == contact_id)
+    )
+    assert found is not None
+    return found
+
+
+def list_query(
+    org_id: uuid.UUID,
+    *,
+    after_id: uuid.UUID | None,
+    created_after: datetime | None,
+    created_before: datetime | None,
+    updated_after: datetime | None,
+    updated_before: datetime | None,
+    email_normalized: str | None,
+    phone_number: str | None,
+    limit: int,
+) -> Select[Any]:
+    """Contacts ordered by id (UUIDv7, time-ordered and unique): keyset pagination on the id
+    never repeats or skips a row, whatever is inserted meanwhile."""
+    conditions: list[ColumnElement[bool]] = [Contact.org_id == org_id]
+    if after_id is not None:
+        conditions.append(Contact.id > after_id)
+    if created_after is not None:
+        conditions.append(Contact.created_at >= created_after)
+    if created_before is not None:
+        conditions.append(Contact.created_at <= created_before)
+    if updated_after is not None:
+        conditions.append(Contact.updated_at >= updated_after)
+    if updated_before is not None:
+        conditions.append(Contact.updated_at <= updated_before)
+    if email_normalized is not None:
+        conditions.append(Contact.email_normalized == email_normalized)
+    if phone_number is not None:
+        conditions.append(Contact.phone_number == phone_number)
+    return select(Contact).where(and_(*conditions)).order_by(Contact.id).limit(limit)
+
+
+async def list_contacts(session: AsyncSession, query: Select[Any]) -> list[Contact]:
+    return list(await session.scalars(query))
+
+
+async def owners_of(
+    session: AsyncSession,
+    org_id: uuid.UUID,
+    *,
+    email_normalized: str | None,
+    phone_number: str | None,
+) -> list[Contact]:
+    """Contacts holding this email or phone (0, 1 or 2 rows), locked on PostgreSQL so a
+    concurrent PATCH/POST of the same contact waits instead of overwriting blindly."""
+    matches: list[ColumnElement[bool]] = []
+    if email_normalized is not None:
+        matches.append(Contact.email_normalized == email_normalized)
+    if phone_number is not None:
+        matches.append(Contact.phone_number == phone_number)
+    if not matches:
+        return []
+    query = (
+        select(Contact)
+        .where(Contact.org_id == org_id, or_(*matches))
+        .order_by(Contact.id)
+        .with_for_update()
+    )
+    return list(await session.scalars(query))
+
+
+async def lock_contact(
+    session: AsyncSession, org_id: uuid.UUID, contact_id: uuid.UUID
+) -> Contact | None:
+    return await session.scalar(
+        select(Contact).where(Contact.org_id == org_id, Contact.id == contact_id).with_for_update()
+    )
+
+
+async def delete_contact(
+    session: AsyncSession, org_id: uuid.UUID, contact_id: uuid.UUID, *, now: datetime
+) -> None:
+    """Cancel the contact's active enrollments, drop its address from delivery history, delete
+    the row: three statements in the caller's transaction, so a worker either sees the contact
+    with its enrollments active or sees them canceled and the contact gone.
+
+    A worker that already claimed one of these enrollments (lease in ``locked_until``) loses
+    the lease here; its guarded completion must check ``status = 'active'``.
+    """
+    await session.execute(
+        update(Enrollment)
+        .where(
+            Enrollment.org_id == org_id,
+            Enrollment.contact_id == contact_id,
+            Enrollment.status == "active",
+        )
+        .values(
+            status="canceled",
+            next_step_at=None,
+            locked_until=None,
+            locked_by=None,
+            waiting_reason=None,
+            updated_at=now,
+        )
+    )
+    await session.execute(
+        update(Message)
+        .where(Message.org_id == org_id, Message.contact_id == contact_id)
+        .values(to_email=None, updated_at=now)
+    )
+    await session.execute(delete(Contact).where(Contact.org_id == org_id, Contact.id == contact_id))
