@@ -35,9 +35,10 @@ async def add_contacts_to_sequence(
     items: list[Item],
     *,
     now: datetime,
+    kind: str = "add_contacts",
 ) -> uuid.UUID:
     """Resolve (creating missing contacts), filter, enroll; store the run and one result row
-    per item. Returns the run id.
+    per item. Returns the run id. ``kind`` is "import" when the CSV import feeds it.
 
     Concurrency: the sequence row is read with a shared lock on PostgreSQL, so a concurrent
     cancel (which takes an exclusive lock) cannot interleave, while concurrent add-contacts
