@@ -101,6 +101,7 @@ def create_app(
 def _domain_routers() -> list[Any]:
     """Every domain router, in the order they appear in the docs."""
     from opensequence.auth.router import router as auth_router
+    from opensequence.contacts.router import router as contacts_router
     from opensequence.deliverability.router import router as deliverability_router
 
-    return [auth_router, deliverability_router]
+    return [auth_router, contacts_router, deliverability_router]

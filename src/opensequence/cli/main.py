@@ -11,6 +11,7 @@ import typer
 from opensequence.api.app import BackgroundFactory
 from opensequence.auth import service as auth
 from opensequence.cli.common import fail, load_settings, run_with_db, setup_logging
+from opensequence.cli.contacts import contacts_app
 from opensequence.db import Database
 from opensequence.db.migrate import upgrade as migrate
 from opensequence.db.types import iso
@@ -25,6 +26,7 @@ db_app = typer.Typer(help="Database administration.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+app.add_typer(contacts_app, name="contacts")
 
 HostOpt = Annotated[str, typer.Option("--host", help="Interface to bind.")]
 PortOpt = Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")]

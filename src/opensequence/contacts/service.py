@@ -5,15 +5,21 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.contacts import repository
 from opensequence.contacts.identity import normalize_email, normalize_phone
-from opensequence.db.types import new_id
-from opensequence.errors import Conflict
+from opensequence.contacts.lookup import get_contact
+from opensequence.contacts.schemas import ContactInput, ContactOut
+from opensequence.db.types import iso, new_id
+from opensequence.errors import Conflict, Invalid, NotFound
+from opensequence.models import Contact
+from opensequence.pagination import decode_cursor, encode_cursor
+from opensequence.sequences.lookup import parse_uuid
 
 # Rounds of select → insert before giving up; only concurrent writers make a round fail.
 _MAX_ROUNDS = 5
@@ -220,3 +226,200 @@ def _outcomes(
         seen.add(contact_id)
         results.append(ResolvedContact(contact_id, first and contact_id in created_ids))
     return results
+
+
+# --- single-contact operations (the HTTP API) ------------------------------------------------
+
+
+def to_wire(contact: Contact) -> ContactOut:
+    return ContactOut(
+        id=str(contact.id),
+        email=contact.email,
+        phone_number=contact.phone_number,
+        name=contact.name,
+        custom_data=dict(contact.custom_data or {}),
+        created_at=iso(contact.created_at) or "",
+        updated_at=iso(contact.updated_at) or "",
+    )
+
+
+def _merged(current: dict[str, Any] | None, changes: dict[str, Any]) -> dict[str, Any]:
+    """Key-by-key merge; a ``None`` value removes the key (SPEC §2)."""
+    merged = dict(current or {})
+    for key, value in changes.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply(contact: Contact, data: ContactInput, now: datetime) -> None:
+    """Write the fields present in ``data`` onto ``contact``; explicit nulls clear a field."""
+    given = data.model_fields_set
+    if "email" in given:
+        contact.email = data.email
+        contact.email_normalized = normalize_email(data.email) if data.email is not None else None
+    if data.phone_was_given():
+        contact.phone_number = normalize_phone(data.given_phone())
+    if "name" in given:
+        contact.name = data.name
+    if "custom_data" in given:
+        contact.custom_data = _merged(contact.custom_data, data.custom_data or {})
+    contact.updated_at = now
+
+
+async def _flush_or_conflict(session: AsyncSession) -> None:
+    """A unique violation here means a concurrent writer took the email or phone between our
+    check and our write; report it as the 409 the check would have given."""
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        raise Conflict("contact.email or contact.phone belongs to another contact") from exc
+
+
+async def save_contact(
+    session: AsyncSession, org_id: uuid.UUID, data: ContactInput, *, now: datetime
+) -> tuple[uuid.UUID, bool]:
+    """``POST /contacts``: ``(id, created)``. The contact owning the email or phone is updated
+    with the given fields; no owner → created (through :func:`resolve_contacts`, so a
+    concurrent POST of the same email ends with one contact); two owners → Conflict.
+
+    Owners are read ``FOR UPDATE`` on PostgreSQL, so concurrent updates of one contact apply
+    one after the other. When a concurrent POST creates the contact between our read and our
+    insert, the next round finds it and updates it instead.
+    """
+    email_key = normalize_email(data.email) if data.email is not None else None
+    phone = normalize_phone(data.given_phone())
+    for _ in range(3):
+        owners = await repository.owners_of(
+            session, org_id, email_normalized=email_key, phone_number=phone
+        )
+        if len(owners) > 1:
+            raise Conflict(
+                "contact.email and contact.phone belong to two different contacts "
+                f"({owners[0].id} and {owners[1].id})"
+            )
+        if owners:
+            _apply(owners[0], data, now)
+            await _flush_or_conflict(session)
+            return owners[0].id, False
+        custom_data = _merged({}, data.custom_data or {})
+        if email_key is None and phone is None:
+            contact = Contact(
+                id=new_id(),
+                org_id=org_id,
+                name=data.name,
+                custom_data=custom_data,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(contact)
+            await session.flush()
+            return contact.id, True
+        [resolved] = await resolve_contacts(
+            session,
+            org_id,
+            [
+                IdentifierInput(
+                    email=data.email, phone_number=phone, name=data.name, custom_data=custom_data
+                )
+            ],
+            now=now,
+        )
+        if resolved.created and resolved.contact_id is not None:
+            return resolved.contact_id, True
+    raise Conflict("the contact changed concurrently; retry the request")
+
+
+async def _locked(session: AsyncSession, org_id: uuid.UUID, ref: str) -> Contact:
+    contact_id = parse_uuid(ref)
+    found = None
+    if contact_id is not None:
+        found = await repository.lock_contact(session, org_id, contact_id)
+    if found is None:
+        raise NotFound(f"contact {ref!r} not found")
+    return found
+
+
+async def update_contact(
+    session: AsyncSession, org_id: uuid.UUID, ref: str, data: ContactInput, *, now: datetime
+) -> Contact:
+    """``PATCH /contacts/{id}``: omitted fields unchanged, custom_data merged key by key, an
+    email or phone that belongs to another contact → Conflict (nothing written)."""
+    contact = await _locked(session, org_id, ref)
+    email_key = normalize_email(data.email) if data.email is not None else None
+    phone = normalize_phone(data.given_phone()) if data.phone_was_given() else None
+    for owner in await repository.owners_of(
+        session, org_id, email_normalized=email_key, phone_number=phone
+    ):
+        if owner.id == contact.id:
+            continue
+        same_email = email_key is not None and owner.email_normalized == email_key
+        field = "email" if same_email else "phone"
+        raise Conflict(f"contact.{field}: belongs to another contact ({owner.id})")
+    _apply(contact, data, now)
+    await _flush_or_conflict(session)
+    return contact
+
+
+async def get_contact_by_ref(session: AsyncSession, org_id: uuid.UUID, ref: str) -> Contact:
+    return await get_contact(session, org_id, ref)
+
+
+async def delete_contact(
+    session: AsyncSession, org_id: uuid.UUID, ref: str, *, now: datetime
+) -> uuid.UUID:
+    """``DELETE /contacts/{id}``: cancel its active enrollments, remove its address from
+    delivery history and delete the row, in the caller's transaction (SPEC §2, §6)."""
+    contact = await _locked(session, org_id, ref)
+    contact_id = contact.id
+    session.expunge(contact)
+    await repository.delete_contact(session, org_id, contact_id, now=now)
+    return contact_id
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    """Query timestamps without an offset are read as UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+async def list_contacts(
+    session: AsyncSession,
+    org_id: uuid.UUID,
+    *,
+    cursor: str | None,
+    limit: int,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    updated_after: datetime | None = None,
+    updated_before: datetime | None = None,
+    email: str | None = None,
+    phone_number: str | None = None,
+) -> tuple[list[Contact], str | None]:
+    """One page ordered by id, and the cursor of the next page (None at the end). The cursor
+    holds the last id shown, so rows inserted during a walk never shift it."""
+    position = decode_cursor(cursor)
+    after_id = None
+    if position is not None:
+        after_id = parse_uuid(str(position.get("id", "")))
+        if after_id is None:
+            raise Invalid("cursor: not a cursor issued by this API")
+    query = repository.list_query(
+        org_id,
+        after_id=after_id,
+        created_after=_as_utc(created_after),
+        created_before=_as_utc(created_before),
+        updated_after=_as_utc(updated_after),
+        updated_before=_as_utc(updated_before),
+        email_normalized=normalize_email(email) if email is not None else None,
+        phone_number=normalize_phone(phone_number) if phone_number is not None else None,
+        limit=limit + 1,
+    )
+    rows = await repository.list_contacts(session, query)
+    if len(rows) > limit:
+        rows = rows[:limit]
+        return rows, encode_cursor({"id": str(rows[-1].id)})
+    return rows, None

@@ -1,0 +1,216 @@
+"""``opensequence contacts import`` as an operator runs it: a real subprocess on both
+databases, with the results read back from the database."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from opensequence.auth import service as auth
+from opensequence.db import Database
+from opensequence.db.migrate import upgrade
+from opensequence.models import Contact, Enrollment, Run, RunItem, Sequence, SequenceStep
+
+OPENSEQUENCE = [sys.executable, "-m", "opensequence"]
+
+CSV = (
+    "email,Phone,name,plan,city\n"
+    "ann@example.com,+1 415 555 0100,Ann,pro,NYC\n"
+    "not-an-email,,Bad,,\n"
+    ",,,,\n"
+    'bob@example.com,,"Bob, Jr.",free,\n'
+    '"two\nlines@example.com",,,,\n'
+    "ANN@example.com,,Ann again,,\n"
+    ",0612345678,,,\n"
+    "carol@example.com,,Carol,,,extra\n"
+    "dave@example.com,,D\x07ve,,\n"
+)
+
+
+@pytest.fixture
+def env(database_url: str, tmp_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENSEQUENCE_")}
+    return {**clean, "OPENSEQUENCE_DATABASE_URL": database_url, "COLUMNS": "200"}
+
+
+def run_import(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*OPENSEQUENCE, "contacts", "import", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def setup_org(database_url: str, *, sequence: dict[str, Any] | None = None) -> Any:
+    """An organization named acme (and optionally a sequence with one step)."""
+    upgrade(database_url)
+
+    async def work() -> tuple[uuid.UUID, uuid.UUID | None]:
+        db = Database(database_url, pool_size=1)
+        try:
+            async with db.transaction() as session:
+                org = await auth.get_or_create_org(session, "acme")
+                if sequence is None:
+                    return org.id, None
+                row = Sequence(org_id=org.id, **sequence)
+                session.add(row)
+                await session.flush()
+                session.add(
+                    SequenceStep(
+                        sequence_id=row.id,
+                        step_index=0,
+                        action={"type": "send_emails", "data": {}},
+                        delay_in_minutes=90,
+                    )
+                )
+                return org.id, row.id
+        finally:
+            await db.dispose()
+
+    return asyncio.run(work())
+
+
+def read_all(database_url: str, model: Any) -> list[Any]:
+    async def work() -> list[Any]:
+        db = Database(database_url, pool_size=1)
+        try:
+            async with db.transaction() as session:
+                return list(await session.scalars(select(model)))
+        finally:
+            await db.dispose()
+
+    return asyncio.run(work())
+
+
+def test_import_lands_good_rows_and_reports_bad_lines(
+    database_url: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    setup_org(database_url)
+    (tmp_path / "people.csv").write_text(CSV, encoding="utf-8")
+    result = run_import(["people.csv", "--org", "acme"], env, tmp_path)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("line ")]
+    assert errors == [
+        "line 3: email: does not match pattern",
+        "line 4: neither an email nor a phone to identify the contact",
+        "line 6: email: does not match pattern",
+        "line 10: 6 fields but the header has 5",
+        "line 11: name: must not contain control characters",
+    ]
+    assert "imported 4 rows (3 new contacts), skipped 5" in result.stdout
+    contacts = {c.email_normalized or c.phone_number: c for c in read_all(database_url, Contact)}
+    assert set(contacts) == {"ann@example.com", "bob@example.com", "0612345678"}
+    ann = contacts["ann@example.com"]
+    assert ann.phone_number == "+14155550100" and ann.name == "Ann"
+    assert ann.custom_data == {"plan": "pro", "city": "NYC"}
+    assert contacts["bob@example.com"].name == "Bob, Jr."
+
+    clean = tmp_path / "clean.csv"
+    clean.write_text("email\nann@example.com\nerin@example.com\n", encoding="utf-8")
+    again = run_import([str(clean), "--org", "acme"], env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "imported 2 rows (1 new contacts), skipped 0" in again.stdout
+    assert len(read_all(database_url, Contact)) == 4
+
+
+def test_import_usage_errors(database_url: str, env: dict[str, str], tmp_path: Path) -> None:
+    setup_org(database_url)
+    (tmp_path / "no-id.csv").write_text("first,last\na,b\n", encoding="utf-8")
+    header = run_import(["no-id.csv", "--org", "acme"], env, tmp_path)
+    assert header.returncode == 2 and "header" in header.stderr
+    missing = run_import(["absent.csv", "--org", "acme"], env, tmp_path)
+    assert missing.returncode == 2 and "FILE" in missing.stderr
+    (tmp_path / "ok.csv").write_text("email\na@example.com\n", encoding="utf-8")
+    unknown = run_import(["ok.csv", "--org", "nobody"], env, tmp_path)
+    assert unknown.returncode == 1 and "nobody" in unknown.stderr
+    no_seq = run_import(["ok.csv", "--org", "acme", "--sequence", "nope"], env, tmp_path)
+    assert no_seq.returncode == 1 and "nope" in no_seq.stderr
+    assert read_all(database_url, Contact) == []
+
+
+def test_import_into_a_continuous_sequence_makes_one_run(
+    database_url: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    started = datetime.now(UTC)
+    _, sequence_id = setup_org(
+        database_url,
+        sequence={
+            "name": "Welcome",
+            "custom_id": "welcome",
+            "is_continuous": True,
+            "status": "active",
+            "started_at": started,
+        },
+    )
+    (tmp_path / "first.csv").write_text("email\nold@example.com\n", encoding="utf-8")
+    assert (
+        run_import(
+            ["first.csv", "--org", "acme", "--sequence", "welcome"], env, tmp_path
+        ).returncode
+        == 0
+    )
+    (tmp_path / "people.csv").write_text(CSV, encoding="utf-8")
+    (tmp_path / "people.csv").write_text(CSV + "old@example.com,,,,\n", encoding="utf-8")
+    result = run_import(
+        ["people.csv", "--org", "acme", "--sequence", str(sequence_id)], env, tmp_path
+    )
+    assert result.returncode == 1, result.stderr
+
+    runs = sorted(read_all(database_url, Run), key=lambda r: r.created_at)
+    assert [r.kind for r in runs] == ["import", "import"]
+    run = runs[1]
+    assert run.sequence_id == sequence_id and run.total == 5
+    assert run.counts == {
+        "added": 0,
+        "created_and_added": 3,
+        "filtered_out": 0,
+        "already_enrolled": 1,
+        "duplicate_in_request": 1,
+        "not_found": 0,
+    }
+    items = sorted(
+        (i for i in read_all(database_url, RunItem) if i.run_id == run.id),
+        key=lambda i: i.item_index,
+    )
+    assert [i.outcome for i in items] == [
+        "created_and_added",
+        "created_and_added",
+        "duplicate_in_request",
+        "created_and_added",
+        "already_enrolled",
+    ]
+    assert items[0].input["line"] == 2 and items[0].input["email"] == "ann@example.com"
+    enrollments = read_all(database_url, Enrollment)
+    assert len(enrollments) == 4
+    assert len({e.contact_id for e in enrollments}) == 4
+    mine = [e for e in enrollments if e.run_id == run.id]
+    assert len(mine) == 3
+    for enrollment in mine:
+        assert (enrollment.status, enrollment.current_step) == ("active", 0)
+        assert enrollment.next_step_at is not None
+        assert enrollment.next_step_at - enrollment.created_at == timedelta(minutes=90)
+
+
+def test_import_refuses_sequences_it_cannot_enroll_into(
+    database_url: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    _, one_off = setup_org(
+        database_url,
+        sequence={"name": "Once", "is_continuous": False, "status": "pending"},
+    )
+    (tmp_path / "ok.csv").write_text("email\na@example.com\n", encoding="utf-8")
+    refused = run_import(["ok.csv", "--org", "acme", "--sequence", str(one_off)], env, tmp_path)
+    assert refused.returncode == 1 and "continuous" in refused.stderr
+    assert read_all(database_url, Run) == [] and read_all(database_url, Contact) == []
