@@ -1,0 +1,120 @@
+"""In-memory evaluation of a filter for one contact (add-contacts), and its explanation.
+
+Semantics, shared with ``sql.compile_filter`` (the property test holds them together):
+
+- ``all_contacts``: always.
+- ``contact_id_in``: the contact's id is one of the UUIDs.
+- ``contacts_created_at_between``: ``after <= created_at <= before``, both inclusive, a null bound
+  open; compared as UTC instants at microsecond precision.
+- ``contacts_email_domain_name_in``: the contact has an email containing ``@`` and the text after
+  its **last** ``@`` equals a listed domain, ignoring the case of ASCII letters only (domain names
+  are ASCII on the wire; databases disagree on lower-casing anything else). A listed domain that
+  contains ``@`` matches nobody. An empty list matches nobody.
+- ``contacts_affected_by_sequence``: the contact was ever enrolled (any status) in that sequence.
+  A ``sequence_id`` that is not a UUID references nothing and matches nobody.
+- An empty ``and`` group matches everyone (vacuous truth).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from opensequence.filters.schema import (
+    AllContacts,
+    CompositeFilter,
+    ContactIdIn,
+    ContactsAffectedBySequence,
+    ContactsCreatedAtBetween,
+    ContactsEmailDomainNameIn,
+)
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(value: str) -> str:
+    return value.translate(_ASCII_LOWER)
+
+
+@dataclass(frozen=True)
+class ContactFacts:
+    """What a filter may look at for one contact."""
+
+    id: uuid.UUID
+    email: str | None
+    created_at: datetime
+    enrolled_sequence_ids: frozenset[uuid.UUID]
+
+
+def sequence_uuid(value: str) -> uuid.UUID | None:
+    """The UUID a ``contacts_affected_by_sequence`` filter names, or None (matches nobody)."""
+    try:
+        return uuid.UUID(value) if len(value) == 36 else None
+    except ValueError:
+        return None
+
+
+def email_domain_targets(domains: list[str]) -> set[str]:
+    """``@domain`` suffixes (ASCII lower-cased) a matching email ends with."""
+    return {"@" + ascii_lower(d) for d in domains if "@" not in d}
+
+
+def referenced_sequence_ids(f: CompositeFilter | None) -> set[uuid.UUID]:
+    """The sequences whose enrollments the filter looks at (to build ``ContactFacts``)."""
+    found: set[uuid.UUID] = set()
+    if f is None:
+        return found
+    for group in f.or_:
+        for item in group.and_:
+            if isinstance(item, ContactsAffectedBySequence):
+                sid = sequence_uuid(item.sequence_id)
+                if sid is not None:
+                    found.add(sid)
+    return found
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _one(item: object, facts: ContactFacts) -> bool:
+    if isinstance(item, AllContacts):
+        return True
+    if isinstance(item, ContactIdIn):
+        return facts.id in item.contact_ids
+    if isinstance(item, ContactsCreatedAtBetween):
+        created = _aware(facts.created_at)
+        if item.after is not None and created < item.after:
+            return False
+        return not (item.before is not None and created > item.before)
+    if isinstance(item, ContactsEmailDomainNameIn):
+        if facts.email is None or "@" not in facts.email:
+            return False
+        suffix = "@" + ascii_lower(facts.email.rsplit("@", 1)[1])
+        return suffix in email_domain_targets(item.domain_name_in)
+    if isinstance(item, ContactsAffectedBySequence):
+        sid = sequence_uuid(item.sequence_id)
+        return sid is not None and sid in facts.enrolled_sequence_ids
+    raise TypeError(f"unknown filter {item!r}")
+
+
+def matches(f: CompositeFilter | None, facts: ContactFacts) -> bool:
+    """Whether the contact passes the filter; ``None`` (no filter) passes everyone."""
+    if f is None:
+        return True
+    return any(all(_one(item, facts) for item in group.and_) for group in f.or_)
+
+
+def explain(f: CompositeFilter | None, facts: ContactFacts) -> str | None:
+    """None when the contact matches; otherwise, for every ``or`` group, its first failing
+    filter: ``"or[0]: contacts_email_domain_name_in; or[1]: contact_id_in"``."""
+    if f is None:
+        return None
+    parts: list[str] = []
+    for index, group in enumerate(f.or_):
+        failing = next((item for item in group.and_ if not _one(item, facts)), None)
+        if failing is None:
+            return None
+        parts.append(f"or[{index}]: {failing.type}")
+    return "; ".join(parts)

@@ -1,0 +1,110 @@
+"""The filter's wire schema: ``{"or": [{"and": [F, ...]}, ...]}`` with five filter types.
+
+Normalisation happens here, once, so that SQL and memory evaluate the same values:
+date-times become aware UTC (a naive value is read as UTC), contact ids become ``UUID``,
+domains keep their text (comparison lower-cases ASCII letters only, see ``evaluate``).
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+
+from opensequence.errors import Invalid
+from opensequence.validation import CleanText
+
+
+class AllContacts(BaseModel):
+    type: Literal["all_contacts"]
+
+
+class ContactIdIn(BaseModel):
+    type: Literal["contact_id_in"]
+    contact_ids: list[uuid.UUID]
+
+
+class ContactsCreatedAtBetween(BaseModel):
+    type: Literal["contacts_created_at_between"]
+    after: datetime | None = Field(description="ISO 8601 date-time; null = open bound")
+    before: datetime | None = Field(description="ISO 8601 date-time; null = open bound")
+
+    @field_validator("after", "before")
+    @classmethod
+    def _to_utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError as exc:
+            raise ValueError("date-time out of range") from exc
+
+    @field_serializer("after", "before")
+    def _iso(self, value: datetime | None) -> str | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class ContactsEmailDomainNameIn(BaseModel):
+    type: Literal["contacts_email_domain_name_in"]
+    domain_name_in: list[CleanText]
+
+
+class ContactsAffectedBySequence(BaseModel):
+    type: Literal["contacts_affected_by_sequence"]
+    sequence_id: CleanText
+
+
+ContactFilter = Annotated[
+    AllContacts
+    | ContactIdIn
+    | ContactsCreatedAtBetween
+    | ContactsEmailDomainNameIn
+    | ContactsAffectedBySequence,
+    Field(discriminator="type"),
+]
+
+
+class AndGroup(BaseModel):
+    """Every filter must match. An empty group matches every contact (vacuous truth, the same
+    reading as ``all()`` of nothing); OpenCX's schema allows it, so we accept and document it."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    and_: list[ContactFilter] = Field(alias="and")
+
+
+class CompositeFilter(BaseModel):
+    """A contact matches when every filter of at least one ``and`` group matches."""
+
+    model_config = ConfigDict(populate_by_name=True, title="ContactsCompositeFilter")
+
+    or_: list[AndGroup] = Field(alias="or", min_length=1)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON form (aliases, lower-case UUIDs, ``Z`` date-times) stored and returned."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+ALL_CONTACTS_OUTPUT: dict[str, Any] = {"or": [{"and": [{"type": "all_contacts"}]}]}
+
+
+def all_contacts_output() -> dict[str, Any]:
+    """A fresh copy of :data:`ALL_CONTACTS_OUTPUT` (safe to mutate)."""
+    return copy.deepcopy(ALL_CONTACTS_OUTPUT)
+
+
+def parse_filter(raw: dict[str, Any] | None) -> CompositeFilter | None:
+    """A stored or received filter; ``None`` means all contacts. Raises ``ValidationError``
+    for a malformed object and ``Invalid`` for something that is not an object at all."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise Invalid("filter: must be an object or null")
+    return CompositeFilter.model_validate(raw)
