@@ -103,5 +103,6 @@ def _domain_routers() -> list[Any]:
     from opensequence.auth.router import router as auth_router
     from opensequence.contacts.router import router as contacts_router
     from opensequence.deliverability.router import router as deliverability_router
+    from opensequence.runs.router import router as runs_router
 
-    return [auth_router, contacts_router, deliverability_router]
+    return [auth_router, contacts_router, runs_router, deliverability_router]
