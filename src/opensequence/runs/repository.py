@@ -87,8 +87,12 @@ async def insert_run(
     return run.id
 
 
-async def set_run_counts(session: AsyncSession, run_id: uuid.UUID, counts: dict[str, int]) -> None:
-    await session.execute(update(Run).where(Run.id == run_id).values(counts=counts))
+async def set_run_totals(
+    session: AsyncSession, run_id: uuid.UUID, total: int, counts: dict[str, int]
+) -> None:
+    await session.execute(
+        update(Run).where(Run.id == run_id).values(total=total, counts=dict(counts))
+    )
 
 
 async def insert_enrollments(

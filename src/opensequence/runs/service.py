@@ -6,7 +6,7 @@ Everything happens in the caller's single transaction; on any error nothing is w
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,7 +16,7 @@ from opensequence.contacts.service import IdentifierInput, resolve_contacts
 from opensequence.db.types import new_id
 from opensequence.errors import Conflict, Invalid, NotFound
 from opensequence.filters import ContactFacts, explain, parse_filter, referenced_sequence_ids
-from opensequence.models import Run
+from opensequence.models import Run, Sequence
 from opensequence.models.run import OUTCOMES
 from opensequence.pagination import decode_cursor, encode_cursor
 from opensequence.runs import repository as repo
@@ -28,24 +28,26 @@ def empty_counts() -> dict[str, int]:
     return dict.fromkeys(OUTCOMES, 0)
 
 
-async def add_contacts_to_sequence(
-    session: AsyncSession,
-    org_id: uuid.UUID,
-    sequence_ref: str,
-    items: list[Item],
-    *,
-    now: datetime,
-    kind: str = "add_contacts",
-) -> uuid.UUID:
-    """Resolve (creating missing contacts), filter, enroll; store the run and one result row
-    per item. Returns the run id. ``kind`` is "import" when the CSV import feeds it.
+@dataclass
+class RunProgress:
+    """A run being filled, possibly over several transactions (the CSV import lands in
+    batches). ``seen`` spans batches so a contact repeated later in the file is still a
+    ``duplicate_in_request``."""
 
-    Concurrency: the sequence row is read with a shared lock on PostgreSQL, so a concurrent
-    cancel (which takes an exclusive lock) cannot interleave, while concurrent add-contacts
-    requests proceed side by side; ``already_enrolled`` is decided by the unique
-    (sequence, contact) constraint at insert time, so two overlapping requests enroll each
-    contact exactly once and each run reports what it actually did.
-    """
+    run_id: uuid.UUID
+    sequence_id: uuid.UUID
+    sequence_ref: str
+    total: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: empty_counts())
+    seen: set[uuid.UUID] = field(default_factory=set)
+
+
+async def _accepting_sequence(
+    session: AsyncSession, org_id: uuid.UUID, sequence_ref: str
+) -> Sequence:
+    """The sequence, read with a shared lock on PostgreSQL: a concurrent cancel (exclusive
+    lock) cannot interleave with an insert of enrollments, while concurrent add-contacts
+    requests proceed side by side."""
     sequence = await get_sequence(session, org_id, sequence_ref, lock="share")
     if not sequence.is_continuous:
         raise Conflict(
@@ -54,15 +56,50 @@ async def add_contacts_to_sequence(
         )
     if sequence.status in ("canceled", "complete"):
         raise Conflict(f"sequence is {sequence.status}; contacts can no longer be added")
+    return sequence
 
+
+async def open_run(
+    session: AsyncSession, org_id: uuid.UUID, sequence_ref: str, *, kind: str, now: datetime
+) -> RunProgress:
+    """Check the sequence takes contacts (404/409 otherwise) and create an empty run."""
+    sequence = await _accepting_sequence(session, org_id, sequence_ref)
     run_id = await repo.insert_run(
-        session,
-        org_id=org_id,
-        sequence_id=sequence.id,
-        kind="add_contacts",
-        total=len(items),
-        now=now,
+        session, org_id=org_id, sequence_id=sequence.id, kind=kind, total=0, now=now
     )
+    return RunProgress(run_id=run_id, sequence_id=sequence.id, sequence_ref=sequence_ref)
+
+
+async def add_contacts_to_sequence(
+    session: AsyncSession,
+    org_id: uuid.UUID,
+    sequence_ref: str,
+    items: list[Item],
+    *,
+    now: datetime,
+) -> uuid.UUID:
+    """SPEC §4 in one transaction: returns the run id; on any error nothing is written."""
+    progress = await open_run(session, org_id, sequence_ref, kind="add_contacts", now=now)
+    await process_items(session, org_id, progress, items, now=now)
+    return progress.run_id
+
+
+async def process_items(
+    session: AsyncSession,
+    org_id: uuid.UUID,
+    progress: RunProgress,
+    items: list[Item],
+    *,
+    now: datetime,
+) -> None:
+    """Resolve (creating missing contacts), filter, enroll; store one result row per item and
+    the run's totals. A handful of statements whatever the number of items.
+
+    ``already_enrolled`` is decided by the unique (sequence, contact) constraint at insert
+    time, so two overlapping requests enroll each contact exactly once and each run reports
+    what it actually did.
+    """
+    sequence = await _accepting_sequence(session, org_id, str(progress.sequence_id))
     results = await _resolve(session, org_id, items, now)
 
     outcome: dict[int, tuple[str, str | None]] = {}
@@ -72,11 +109,12 @@ async def add_contacts_to_sequence(
         contact_id = results[item.index][0]
         if contact_id is None:
             outcome[item.index] = ("not_found", None)
-        elif contact_id in first_seen:
+        elif contact_id in first_seen or contact_id in progress.seen:
             outcome[item.index] = ("duplicate_in_request", None)
         else:
             first_seen[contact_id] = item.index
             candidates.append(contact_id)
+    progress.seen.update(candidates)
 
     composite = parse_filter(sequence.filter)
     eligible = candidates
@@ -107,7 +145,7 @@ async def add_contacts_to_sequence(
         session,
         org_id=org_id,
         sequence_id=sequence.id,
-        run_id=run_id,
+        run_id=progress.run_id,
         contact_ids=eligible,
         due_at=now + timedelta(minutes=delay),
         now=now,
@@ -122,14 +160,13 @@ async def add_contacts_to_sequence(
         else:
             outcome[index] = ("added", None)
 
-    counts = empty_counts()
     rows: list[dict[str, Any]] = []
     for item in items:
         name, reason = outcome[item.index]
-        counts[name] += 1
+        progress.counts[name] += 1
         rows.append(
             {
-                "run_id": run_id,
+                "run_id": progress.run_id,
                 "item_index": item.index,
                 "input": item.raw,
                 "contact_id": results[item.index][0],
@@ -137,9 +174,9 @@ async def add_contacts_to_sequence(
                 "reason": reason,
             }
         )
+    progress.total += len(items)
     await repo.insert_run_items(session, rows)
-    await repo.set_run_counts(session, run_id, counts)
-    return run_id
+    await repo.set_run_totals(session, progress.run_id, progress.total, progress.counts)
 
 
 async def _resolve(
