@@ -201,14 +201,6 @@ async def _insert_contacts_unnest(
     return inserted
 
 
-async def get_by_id(session: AsyncSession, org_id: uuid.UUID, contact_id: uuid.UUID) -> Contact:
-    found = await session.scalar(
-        select(Contact).where(Contact.org_id == org_id, Contact.id == contact_id)
-    )
-    assert found is not None
-    return found
-
-
 def list_query(
     org_id: uuid.UUID,
     *,
