@@ -118,6 +118,9 @@ async def test_list_pagination_and_filters(tenant: Tenant, other_tenant: Tenant)
     ).json()
     assert [i["id"] for i in found["items"]] == [phone_id]
 
+    blank = (await tenant.client.get("/contacts", params={"phone_number": " "})).json()
+    assert blank == {"items": [], "next": None}
+
     first = (await tenant.client.get(f"/contacts/{ids[0]}")).json()
     created = datetime.fromisoformat(first["created_at"].replace("Z", "+00:00"))
     later = (created + timedelta(days=1)).isoformat()
@@ -404,3 +407,20 @@ async def test_missing_contact_wrapper_is_400(tenant: Tenant) -> None:
         ),
         400,
     )
+
+
+async def test_concurrent_posts_of_one_new_email_make_one_contact(
+    tenant: Tenant, db: Database
+) -> None:
+    responses = await asyncio.gather(
+        *(
+            tenant.client.post(
+                "/contacts", json={"contact": {"email": "Race@Example.com", "name": f"n{i}"}}
+            )
+            for i in range(6)
+        )
+    )
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200, 200, 200, 200, 200, 201], [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert await count_contacts(db) == 1

@@ -214,3 +214,25 @@ def test_import_refuses_sequences_it_cannot_enroll_into(
     refused = run_import(["ok.csv", "--org", "acme", "--sequence", str(one_off)], env, tmp_path)
     assert refused.returncode == 1 and "continuous" in refused.stderr
     assert read_all(database_url, Run) == [] and read_all(database_url, Contact) == []
+
+
+def test_import_refuses_a_sequence_with_a_contact_filter(
+    database_url: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    _, filtered = setup_org(
+        database_url,
+        sequence={
+            "name": "Filtered",
+            "is_continuous": True,
+            "status": "active",
+            "filter": {
+                "or": [
+                    {"and": [{"type": "contacts_email_domain_name_in", "domain_name_in": ["x.io"]}]}
+                ]
+            },
+        },
+    )
+    (tmp_path / "ok.csv").write_text("email\na@example.com\n", encoding="utf-8")
+    refused = run_import(["ok.csv", "--org", "acme", "--sequence", str(filtered)], env, tmp_path)
+    assert refused.returncode == 1 and "filter" in refused.stderr
+    assert read_all(database_url, Run) == [] and read_all(database_url, Contact) == []

@@ -7,12 +7,28 @@ parameters per statement, PostgreSQL 65,535.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Select, and_, delete, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    Select,
+    Text,
+    Uuid,
+    and_,
+    any_,
+    bindparam,
+    delete,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -25,6 +41,8 @@ T = TypeVar("T")
 SELECT_CHUNK = 5000
 # 9 columns per contact row: 2,000 rows = 18,000 parameters.
 INSERT_CHUNK = 2000
+# PostgreSQL's unnest insert binds arrays, not rows; chunks only bound the statement's memory.
+UNNEST_CHUNK = 10_000
 
 
 def chunked(values: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -39,15 +57,36 @@ def dialect_insert(session: AsyncSession, table: Any) -> Any:
     return sqlite.insert(table)
 
 
+def _is_postgresql(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def member_of(
+    session: AsyncSession, column: Any, values: Sequence[Any], element_type: Any
+) -> Iterator[ColumnElement[bool]]:
+    """Conditions "``column`` is one of ``values``", one per statement to run.
+
+    PostgreSQL: a single ``column = ANY(:array)`` — one bind parameter whatever the size, so the
+    driver does not have to rewrite a query with thousands of placeholders (measured: that
+    rewrite, not the database, dominated a 10,000-row resolve). SQLite: ``IN`` lists chunked
+    under its 32,766-parameter limit.
+    """
+    if not values:
+        return
+    if _is_postgresql(session):
+        yield column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(element_type)))
+        return
+    for part in chunked(values, SELECT_CHUNK):
+        yield column.in_(part)
+
+
 async def existing_ids(
     session: AsyncSession, org_id: uuid.UUID, ids: Iterable[uuid.UUID]
 ) -> set[uuid.UUID]:
     wanted = sorted(set(ids))
     found: set[uuid.UUID] = set()
-    for part in chunked(wanted, SELECT_CHUNK):
-        rows = await session.scalars(
-            select(Contact.id).where(Contact.org_id == org_id, Contact.id.in_(part))
-        )
+    for condition in member_of(session, Contact.id, wanted, Uuid()):
+        rows = await session.scalars(select(Contact.id).where(Contact.org_id == org_id, condition))
         found.update(rows)
     return found
 
@@ -58,11 +97,9 @@ async def ids_by_email(
     """``email_normalized → id`` for those of ``normalized`` that exist in the organization."""
     wanted = sorted(set(normalized))
     found: dict[str, uuid.UUID] = {}
-    for part in chunked(wanted, SELECT_CHUNK):
+    for condition in member_of(session, Contact.email_normalized, wanted, Text()):
         rows = await session.execute(
-            select(Contact.email_normalized, Contact.id).where(
-                Contact.org_id == org_id, Contact.email_normalized.in_(part)
-            )
+            select(Contact.email_normalized, Contact.id).where(Contact.org_id == org_id, condition)
         )
         found.update({str(key): contact_id for key, contact_id in rows})
     return found
@@ -74,11 +111,9 @@ async def ids_by_phone(
     """``phone_number → id`` for those of ``phones`` (already normalized) that exist."""
     wanted = sorted(set(phones))
     found: dict[str, uuid.UUID] = {}
-    for part in chunked(wanted, SELECT_CHUNK):
+    for condition in member_of(session, Contact.phone_number, wanted, Text()):
         rows = await session.execute(
-            select(Contact.phone_number, Contact.id).where(
-                Contact.org_id == org_id, Contact.phone_number.in_(part)
-            )
+            select(Contact.phone_number, Contact.id).where(Contact.org_id == org_id, condition)
         )
         found.update({str(key): contact_id for key, contact_id in rows})
     return found
@@ -96,25 +131,74 @@ async def insert_contacts_ignoring_conflicts(
     new READ COMMITTED snapshot) finds exactly one contact. On SQLite writers are serialised by
     ``BEGIN IMMEDIATE``, so no conflict can appear between the caller's select and this insert.
     """
+    if not rows:
+        return set()
+    if _is_postgresql(session):
+        return await _insert_contacts_unnest(session, rows)
+    statement = (
+        dialect_insert(session, Contact.__table__)
+        .on_conflict_do_nothing()
+        .returning(Contact.__table__.c.id)
+    )
+    result = await session.execute(
+        statement, list(rows), execution_options={"insertmanyvalues_page_size": INSERT_CHUNK}
+    )
+    return set(result.scalars())
+
+
+_UNNEST_INSERT = (
+    text(
+        """
+    INSERT INTO contacts (id, org_id, email, email_normalized, phone_number, name,
+                          custom_data, created_at, updated_at)
+    SELECT t.id, t.org_id, t.email, t.email_normalized, t.phone_number, t.name,
+           t.custom_data, t.created_at, t.updated_at
+    FROM unnest(:ids, :org_ids, :emails, :email_normalized, :phones, :names,
+                CAST(:custom_data AS jsonb[]), :created_at, :updated_at)
+         AS t(id, org_id, email, email_normalized, phone_number, name,
+              custom_data, created_at, updated_at)
+    ON CONFLICT DO NOTHING
+    RETURNING id
+    """
+    )
+    .bindparams(
+        bindparam("ids", type_=postgresql.ARRAY(Uuid())),
+        bindparam("org_ids", type_=postgresql.ARRAY(Uuid())),
+        bindparam("emails", type_=postgresql.ARRAY(Text())),
+        bindparam("email_normalized", type_=postgresql.ARRAY(Text())),
+        bindparam("phones", type_=postgresql.ARRAY(Text())),
+        bindparam("names", type_=postgresql.ARRAY(Text())),
+        bindparam("custom_data", type_=postgresql.ARRAY(Text())),
+        bindparam("created_at", type_=postgresql.ARRAY(DateTime(timezone=True))),
+        bindparam("updated_at", type_=postgresql.ARRAY(DateTime(timezone=True))),
+    )
+    .columns(id=Uuid())
+)
+
+
+async def _insert_contacts_unnest(
+    session: AsyncSession, rows: Sequence[dict[str, Any]]
+) -> set[uuid.UUID]:
+    """PostgreSQL: one ``INSERT … SELECT FROM unnest(arrays)`` per chunk — nine array
+    parameters instead of nine per row, so statement size no longer grows with the batch."""
     inserted: set[uuid.UUID] = set()
-    for part in chunked(rows, INSERT_CHUNK):
-        statement = (
-            dialect_insert(session, Contact.__table__)
-            .values(list(part))
-            .on_conflict_do_nothing()
-            .returning(Contact.__table__.c.id)
+    for part in chunked(rows, UNNEST_CHUNK):
+        result = await session.execute(
+            _UNNEST_INSERT,
+            {
+                "ids": [row["id"] for row in part],
+                "org_ids": [row["org_id"] for row in part],
+                "emails": [row["email"] for row in part],
+                "email_normalized": [row["email_normalized"] for row in part],
+                "phones": [row["phone_number"] for row in part],
+                "names": [row["name"] for row in part],
+                "custom_data": [json.dumps(row["custom_data"]) for row in part],
+                "created_at": [row["created_at"] for row in part],
+                "updated_at": [row["updated_at"] for row in part],
+            },
         )
-        result = await session.execute(statement)
         inserted.update(result.scalars())
     return inserted
-
-
-async def get_by_id(session: AsyncSession, org_id: uuid.UUID, contact_id: uuid.UUID) -> Contact:
-    found = await session.scalar(
-        select(Contact).where(Contact.org_id == org_id, Contact.id == contact_id)
-    )
-    assert found is not None
-    return found
 
 
 def list_query(

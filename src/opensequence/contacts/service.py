@@ -401,6 +401,9 @@ async def list_contacts(
 ) -> tuple[list[Contact], str | None]:
     """One page ordered by id, and the cursor of the next page (None at the end). The cursor
     holds the last id shown, so rows inserted during a walk never shift it."""
+    phone_key = normalize_phone(phone_number) if phone_number is not None else None
+    if phone_number is not None and phone_key is None:
+        return [], None  # a blank phone identifies nobody
     position = decode_cursor(cursor)
     after_id = None
     if position is not None:
@@ -415,7 +418,7 @@ async def list_contacts(
         updated_after=_as_utc(updated_after),
         updated_before=_as_utc(updated_before),
         email_normalized=normalize_email(email) if email is not None else None,
-        phone_number=normalize_phone(phone_number) if phone_number is not None else None,
+        phone_number=phone_key,
         limit=limit + 1,
     )
     rows = await repository.list_contacts(session, query)
