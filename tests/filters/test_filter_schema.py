@@ -139,7 +139,7 @@ def test_wire_form_round_trips() -> None:
                     {
                         "type": "contacts_created_at_between",
                         "after": None,
-                        "before": "2024-09-14T15:34:49.121000Z",
+                        "before": "2024-09-14T15:34:49.121Z",
                     }
                 ]
             }

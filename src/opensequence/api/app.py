@@ -104,5 +104,6 @@ def _domain_routers() -> list[Any]:
     from opensequence.contacts.router import router as contacts_router
     from opensequence.deliverability.router import router as deliverability_router
     from opensequence.runs.router import router as runs_router
+    from opensequence.sequences.router import router as sequences_router
 
-    return [auth_router, contacts_router, runs_router, deliverability_router]
+    return [auth_router, contacts_router, sequences_router, runs_router, deliverability_router]

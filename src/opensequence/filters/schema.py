@@ -48,7 +48,8 @@ class ContactsCreatedAtBetween(BaseModel):
     def _iso(self, value: datetime | None) -> str | None:
         if value is None:
             return None
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        spec = "milliseconds" if value.microsecond % 1000 == 0 else "microseconds"
+        return value.astimezone(UTC).isoformat(timespec=spec).replace("+00:00", "Z")
 
 
 class ContactsEmailDomainNameIn(BaseModel):

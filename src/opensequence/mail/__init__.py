@@ -1,0 +1,1 @@
+"""Mail: Liquid templates, MIME messages and transports."""

@@ -1,0 +1,228 @@
+"""All SQL of the sequences package."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence as Seq
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Uuid,
+    cast,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from opensequence.db.types import UTCDateTime
+from opensequence.filters import CompositeFilter, compile_filter
+from opensequence.models import Contact, Enrollment, Run, Sequence, SequenceStep
+
+
+async def custom_id_taken(
+    session: AsyncSession, org_id: uuid.UUID, custom_id: str, exclude: uuid.UUID | None = None
+) -> bool:
+    query = select(Sequence.id).where(Sequence.org_id == org_id, Sequence.custom_id == custom_id)
+    if exclude is not None:
+        query = query.where(Sequence.id != exclude)
+    return (await session.scalar(query.limit(1))) is not None
+
+
+async def load_steps(
+    session: AsyncSession, sequence_ids: Seq[uuid.UUID]
+) -> dict[uuid.UUID, list[SequenceStep]]:
+    """Steps of many sequences in one query, each list in step order."""
+    found: dict[uuid.UUID, list[SequenceStep]] = {sid: [] for sid in sequence_ids}
+    if not sequence_ids:
+        return found
+    rows = await session.scalars(
+        select(SequenceStep)
+        .where(SequenceStep.sequence_id.in_(list(sequence_ids)))
+        .order_by(SequenceStep.sequence_id, SequenceStep.step_index)
+    )
+    for step in rows:
+        found[step.sequence_id].append(step)
+    return found
+
+
+async def replace_steps(
+    session: AsyncSession, sequence_id: uuid.UUID, steps: list[dict[str, Any]]
+) -> None:
+    """Give the sequence exactly ``steps`` (``action``, ``delay_in_minutes``).
+
+    Positions that still exist keep their ``started_at``/``ended_at`` (their history); rows past
+    the new length are deleted. Enrollments keep their ``current_step`` untouched, so contacts
+    keep their position and run the steps they have not reached yet as edited.
+    """
+    existing = {
+        row.step_index: row
+        for row in await session.scalars(
+            select(SequenceStep).where(SequenceStep.sequence_id == sequence_id)
+        )
+    }
+    await session.execute(
+        delete(SequenceStep).where(
+            SequenceStep.sequence_id == sequence_id, SequenceStep.step_index >= len(steps)
+        )
+    )
+    new_rows = []
+    for index, step in enumerate(steps):
+        row = existing.get(index)
+        if row is None:
+            new_rows.append({"sequence_id": sequence_id, "step_index": index, **step})
+        else:
+            row.action = step["action"]
+            row.delay_in_minutes = step["delay_in_minutes"]
+    if new_rows:
+        await session.execute(insert(SequenceStep), new_rows)
+
+
+async def list_sequences(
+    session: AsyncSession,
+    org_id: uuid.UUID,
+    *,
+    status: str | None,
+    after_id: uuid.UUID | None,
+    limit: int,
+) -> list[Sequence]:
+    """A page ordered by id (UUIDv7, so creation order); ``limit + 1`` rows to detect a next."""
+    query = select(Sequence).where(Sequence.org_id == org_id)
+    if status is not None:
+        query = query.where(Sequence.status == status)
+    if after_id is not None:
+        query = query.where(Sequence.id > after_id)
+    return list(await session.scalars(query.order_by(Sequence.id).limit(limit + 1)))
+
+
+async def get_run(session: AsyncSession, org_id: uuid.UUID, run_id: uuid.UUID) -> Run | None:
+    return await session.scalar(
+        select(Run).where(Run.org_id == org_id, Run.id == run_id).with_for_update()
+    )
+
+
+def _enrollment_id(prefix: str, index: ColumnElement[Any], dialect: str) -> ColumnElement[Any]:
+    """A UUIDv7 per enrolled contact without a Python loop: the run id's first 80 bits
+    (timestamp, version, variant and 26 random bits) followed by the 48-bit position in the run.
+
+    Ids of one run are therefore unique and ordered; ids of two runs differ unless both runs got
+    the same millisecond *and* the same 26 random bits (about 1 in 67 million per pair of runs
+    created in the same millisecond), which would fail the start on the primary key and roll it
+    back, never corrupt anything.
+    """
+    if dialect == "postgresql":
+        hex_index = func.lpad(func.to_hex(index), 12, "0")
+        return cast(literal(prefix) + hex_index, Uuid)
+    return literal(prefix) + func.printf("%012x", index)
+
+
+async def enroll_matching_contacts(
+    session: AsyncSession,
+    *,
+    sequence: Sequence,
+    run_id: uuid.UUID,
+    contact_filter: CompositeFilter | None,
+    now: datetime,
+    next_step_at: datetime,
+) -> int:
+    """Enroll every contact of the organization matching the filter **now**, in one
+    ``INSERT … SELECT`` (no row passes through Python). ``run_index`` is the position by contact
+    id. Returns the number of enrollments created.
+
+    Concurrency: a contact created or deleted while this statement runs is either seen or not as
+    of the statement's snapshot; the caller holds the sequence row lock (PostgreSQL) or the write
+    lock (SQLite), so two starts of one sequence cannot interleave.
+    """
+    dialect = session.get_bind().dialect.name
+    ranked = (
+        select(
+            Contact.id.label("contact_id"),
+            (func.row_number().over(order_by=Contact.id) - 1).label("idx"),
+        )
+        .where(
+            Contact.org_id == sequence.org_id, compile_filter(contact_filter, Contact, Enrollment)
+        )
+        .subquery()
+    )
+    source = select(
+        _enrollment_id(run_id.hex[:20], ranked.c.idx, dialect),
+        literal(sequence.org_id, Uuid),
+        literal(sequence.id, Uuid),
+        ranked.c.contact_id,
+        literal(run_id, Uuid),
+        cast(ranked.c.idx, Integer),
+        literal("active"),
+        literal(0, Integer),
+        literal(next_step_at, UTCDateTime()),
+        literal(0, Integer),
+        literal(now, UTCDateTime()),
+        literal(now, UTCDateTime()),
+    )
+    await session.execute(
+        insert(Enrollment).from_select(
+            [
+                "id",
+                "org_id",
+                "sequence_id",
+                "contact_id",
+                "run_id",
+                "run_index",
+                "status",
+                "current_step",
+                "next_step_at",
+                "attempts",
+                "created_at",
+                "updated_at",
+            ],
+            source,
+        )
+    )
+    # The driver's rowcount for INSERT … SELECT is not reliable (psycopg reports -1 when the
+    # SELECT is constant-false), so read the highest position back through the run index.
+    last = await session.scalar(
+        select(func.max(Enrollment.run_index)).where(Enrollment.run_id == run_id)
+    )
+    return 0 if last is None else int(last) + 1
+
+
+async def cancel_active_enrollments(
+    session: AsyncSession,
+    *,
+    now: datetime,
+    sequence_id: uuid.UUID | None = None,
+    run_id: uuid.UUID | None = None,
+) -> int:
+    """Cancel the active enrollments of a sequence or of one run, in one UPDATE.
+
+    A worker may hold a lease on one of these rows and be mid-send: the engine must re-check
+    ``status`` under its claim before sending, so a send already recorded goes out but nothing
+    after it.
+    """
+    query = update(Enrollment).where(Enrollment.status == "active")
+    if sequence_id is not None:
+        query = query.where(Enrollment.sequence_id == sequence_id)
+    if run_id is not None:
+        query = query.where(Enrollment.run_id == run_id)
+    result = await session.execute(
+        query.values(
+            status="canceled", next_step_at=None, waiting_reason=None, updated_at=now
+        ).execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def has_active_enrollments(session: AsyncSession, sequence_id: uuid.UUID) -> bool:
+    return bool(
+        await session.scalar(
+            select(
+                exists().where(Enrollment.sequence_id == sequence_id, Enrollment.status == "active")
+            )
+        )
+    )
