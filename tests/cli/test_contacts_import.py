@@ -216,7 +216,7 @@ def test_import_refuses_sequences_it_cannot_enroll_into(
     assert read_all(database_url, Run) == [] and read_all(database_url, Contact) == []
 
 
-def test_import_refuses_a_sequence_with_a_contact_filter(
+def test_import_applies_the_sequence_filter_like_add_contacts(
     database_url: str, env: dict[str, str], tmp_path: Path
 ) -> None:
     _, filtered = setup_org(
@@ -232,7 +232,25 @@ def test_import_refuses_a_sequence_with_a_contact_filter(
             },
         },
     )
-    (tmp_path / "ok.csv").write_text("email\na@example.com\n", encoding="utf-8")
-    refused = run_import(["ok.csv", "--org", "acme", "--sequence", str(filtered)], env, tmp_path)
-    assert refused.returncode == 1 and "filter" in refused.stderr
-    assert read_all(database_url, Run) == [] and read_all(database_url, Contact) == []
+    (tmp_path / "mixed.csv").write_text(
+        "email,name\na@example.com,A\nb@x.io,B\nB@X.IO,again\n", encoding="utf-8"
+    )
+    done = run_import(["mixed.csv", "--org", "acme", "--sequence", str(filtered)], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    (run,) = read_all(database_url, Run)
+    assert run.kind == "import" and run.total == 3
+    assert {k: v for k, v in run.counts.items() if v} == {
+        "filtered_out": 1,
+        "created_and_added": 1,
+        "duplicate_in_request": 1,
+    }
+    items = sorted(read_all(database_url, RunItem), key=lambda item: item.item_index)
+    assert [item.outcome for item in items] == [
+        "filtered_out",
+        "created_and_added",
+        "duplicate_in_request",
+    ]
+    assert items[0].reason == "or[0]: contacts_email_domain_name_in"
+    assert items[0].input == {"line": 2, "email": "a@example.com", "name": "A"}
+    assert len(read_all(database_url, Contact)) == 2
+    assert len(read_all(database_url, Enrollment)) == 1

@@ -20,6 +20,7 @@ from opensequence.contacts import importer
 from opensequence.db import Database
 from opensequence.db.migrate import upgrade as migrate
 from opensequence.errors import Invalid
+from opensequence.runs.service import RunProgress, open_run
 
 contacts_app = typer.Typer(help="Contacts.", no_args_is_help=True)
 
@@ -58,13 +59,13 @@ def import_contacts(
     err = Console(stderr=True)
     clock = SystemClock()
 
-    async def work(db: Database) -> tuple[importer.ImportTotals, importer.ImportRun | None]:
+    async def work(db: Database) -> tuple[importer.ImportTotals, RunProgress | None]:
         async with db.transaction() as session:
             organization = await auth.find_org(session, org)
             run = None
             if sequence is not None:
-                run = await importer.start_import_run(
-                    session, organization.id, sequence, now=clock.now()
+                run = await open_run(
+                    session, organization.id, sequence, kind="import", now=clock.now()
                 )
         totals = importer.ImportTotals()
         with (

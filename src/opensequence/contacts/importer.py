@@ -1,6 +1,6 @@
 """CSV import (SPEC §7 ``opensequence contacts import``): parse and validate rows, then land
 them in batches through :func:`resolve_contacts`, optionally enrolling them into a continuous
-sequence as one run of kind ``import``.
+sequence as one run of kind ``import`` through the same path as ``POST /sequences/{id}/contacts``.
 
 Each batch is its own transaction so SQLite's single writer lock is held for one batch at a
 time (the API keeps answering during a long import) and a crash loses at most one batch;
@@ -13,20 +13,19 @@ from __future__ import annotations
 import csv
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opensequence.contacts import repository
 from opensequence.contacts.schemas import ContactInput
 from opensequence.contacts.service import IdentifierInput, resolve_contacts
-from opensequence.errors import Conflict, Invalid
-from opensequence.models.run import OUTCOMES
-from opensequence.sequences.lookup import get_sequence
+from opensequence.errors import Invalid
+from opensequence.runs.intake import Item
+from opensequence.runs.service import RunProgress, process_items
 
 BATCH_SIZE = 2000
 _EMAIL = ("email",)
@@ -50,22 +49,10 @@ class BadRow:
 
 
 @dataclass
-class ImportRun:
-    """Where imported contacts are enrolled, and the run's running totals."""
-
-    sequence_id: uuid.UUID
-    run_id: uuid.UUID
-    first_delay_minutes: float
-    total: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
-
-
-@dataclass
 class ImportTotals:
     landed: int = 0
     created: int = 0
     skipped: int = 0
-    seen: set[uuid.UUID] = field(default_factory=set)
 
 
 def _column(header: Sequence[str], names: tuple[str, ...]) -> str | None:
@@ -159,113 +146,49 @@ def _validate(
     return CsvRow(line, contact, cells)
 
 
-def _matches_everyone(filter_: dict[str, Any] | None) -> bool:
-    if filter_ is None:
-        return True
-    groups = filter_.get("or") or []
-    return any(
-        all(item.get("type") == "all_contacts" for item in group.get("and") or [])
-        for group in groups
-    )
-
-
-async def start_import_run(
-    session: AsyncSession, org_id: uuid.UUID, sequence_ref: str, *, now: datetime
-) -> ImportRun:
-    """Check the sequence can take contacts and create the ``import`` run.
-
-    Only continuous, active sequences whose filter admits every contact are accepted here:
-    evaluating other filters is the add-contacts service's job, and enrolling a contact the
-    filter would reject must not happen, so such sequences are refused (Conflict) for now.
-    """
-    sequence = await get_sequence(session, org_id, sequence_ref)
-    if not sequence.is_continuous or sequence.status != "active":
-        raise Conflict(
-            f"sequence {sequence_ref!r} is not an active continuous sequence "
-            f"(status {sequence.status})"
-        )
-    if not _matches_everyone(sequence.filter):
-        raise Conflict(
-            f"sequence {sequence_ref!r} has a contact filter; import into it is not supported yet"
-        )
-    delay = await repository.first_step_delay(session, sequence.id)
-    if delay is None:
-        raise Conflict(f"sequence {sequence_ref!r} has no steps")
-    run_id = await repository.insert_run(
-        session, org_id=org_id, sequence_id=sequence.id, kind="import", now=now
-    )
-    return ImportRun(sequence.id, run_id, delay)
-
-
 async def import_batch(
     session: AsyncSession,
     org_id: uuid.UUID,
     rows: Sequence[CsvRow],
     *,
     totals: ImportTotals,
-    run: ImportRun | None,
+    run: RunProgress | None,
     now: datetime,
 ) -> None:
-    """Land one batch of valid rows: resolve (create the missing contacts), then — with a run
-    — enroll the distinct contacts not yet seen in this import, record one run item per row
-    and update the run's totals. A handful of statements per batch."""
-    resolved = await resolve_contacts(
-        session,
-        org_id,
-        [
-            IdentifierInput(
+    """Land one batch of valid rows. Without a run: resolve them (creating the missing
+    contacts). With a run: the add-contacts path (resolve, filter, enroll, one run item per
+    row with input ``{"line": N, ...cells}``), so an import enrolls exactly like the API."""
+    if run is None:
+        resolved = await resolve_contacts(
+            session,
+            org_id,
+            [
+                IdentifierInput(
+                    email=row.contact.email,
+                    phone_number=row.contact.given_phone(),
+                    name=row.contact.name,
+                    custom_data=row.contact.custom_data,
+                )
+                for row in rows
+            ],
+            now=now,
+        )
+        totals.created += sum(r.created for r in resolved)
+    else:
+        before = run.counts["created_and_added"]
+        items = [
+            Item(
+                index=run.total + offset,
+                raw={"line": row.line, **row.cells},
+                kind="email" if row.contact.email is not None else "phone_number",
+                id=None,
                 email=row.contact.email,
                 phone_number=row.contact.given_phone(),
                 name=row.contact.name,
                 custom_data=row.contact.custom_data,
             )
-            for row in rows
-        ],
-        now=now,
-    )
+            for offset, row in enumerate(rows)
+        ]
+        await process_items(session, org_id, run, items, now=now)
+        totals.created += run.counts["created_and_added"] - before
     totals.landed += len(rows)
-    totals.created += sum(r.created for r in resolved)
-    if run is None:
-        return
-    fresh: list[uuid.UUID] = []
-    for result in resolved:
-        if result.contact_id is not None and result.contact_id not in totals.seen:
-            totals.seen.add(result.contact_id)
-            fresh.append(result.contact_id)
-    enrolled = await repository.enroll_ignoring_existing(
-        session,
-        org_id=org_id,
-        sequence_id=run.sequence_id,
-        run_id=run.run_id,
-        contact_ids=fresh,
-        next_step_at=now + timedelta(minutes=run.first_delay_minutes),
-        now=now,
-    )
-    fresh_set = set(fresh)
-    items: list[dict[str, Any]] = []
-    for row, result in zip(rows, resolved, strict=True):
-        contact_id = result.contact_id
-        if contact_id is None:
-            outcome = "not_found"
-        elif contact_id not in fresh_set:
-            outcome = "duplicate_in_request"
-        elif contact_id not in enrolled:
-            outcome = "already_enrolled"
-        else:
-            outcome = "created_and_added" if result.created else "added"
-        if contact_id is not None:
-            fresh_set.discard(contact_id)
-        run.counts[outcome] += 1
-        items.append(
-            {
-                "run_id": run.run_id,
-                "item_index": run.total,
-                "input": {"line": row.line, **row.cells},
-                "contact_id": contact_id,
-                "outcome": outcome,
-                "reason": None,
-            }
-        )
-        run.total += 1
-    await repository.insert_run_items(session, items)
-    await repository.set_run_totals(session, run.run_id, total=run.total, counts=run.counts)

@@ -23,7 +23,6 @@ from sqlalchemy import (
     any_,
     bindparam,
     delete,
-    insert,
     or_,
     select,
     text,
@@ -32,9 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opensequence.db.types import new_id
-from opensequence.models import Contact, Enrollment, Message, Run, RunItem, SequenceStep
-from opensequence.models.run import OUTCOMES
+from opensequence.models import Contact, Enrollment, Message
 
 T = TypeVar("T")
 
@@ -302,91 +299,3 @@ async def delete_contact(
         .values(to_email=None, updated_at=now)
     )
     await session.execute(delete(Contact).where(Contact.org_id == org_id, Contact.id == contact_id))
-
-
-async def first_step_delay(session: AsyncSession, sequence_id: uuid.UUID) -> float | None:
-    """``delay_in_minutes`` of step 0, or None when the sequence has no steps."""
-    value = await session.scalar(
-        select(SequenceStep.delay_in_minutes).where(
-            SequenceStep.sequence_id == sequence_id, SequenceStep.step_index == 0
-        )
-    )
-    return None if value is None else float(value)
-
-
-async def insert_run(
-    session: AsyncSession,
-    *,
-    org_id: uuid.UUID,
-    sequence_id: uuid.UUID,
-    kind: str,
-    now: datetime,
-) -> uuid.UUID:
-    run_id = new_id()
-    await session.execute(
-        insert(Run).values(
-            id=run_id,
-            org_id=org_id,
-            sequence_id=sequence_id,
-            kind=kind,
-            total=0,
-            counts={outcome: 0 for outcome in OUTCOMES},
-            created_at=now,
-        )
-    )
-    return run_id
-
-
-async def set_run_totals(
-    session: AsyncSession, run_id: uuid.UUID, *, total: int, counts: dict[str, int]
-) -> None:
-    await session.execute(update(Run).where(Run.id == run_id).values(total=total, counts=counts))
-
-
-async def enroll_ignoring_existing(
-    session: AsyncSession,
-    *,
-    org_id: uuid.UUID,
-    sequence_id: uuid.UUID,
-    run_id: uuid.UUID,
-    contact_ids: Sequence[uuid.UUID],
-    next_step_at: datetime,
-    now: datetime,
-) -> set[uuid.UUID]:
-    """Enroll ``contact_ids`` (distinct) at step 0; the ones already in the sequence are left
-    alone by ``ON CONFLICT DO NOTHING`` on (sequence_id, contact_id). Returns the contact ids
-    that were enrolled. A concurrent enrollment of the same contact makes PostgreSQL wait for
-    the other transaction, then skip the row: no contact is ever enrolled twice."""
-    enrolled: set[uuid.UUID] = set()
-    table = Enrollment.__table__
-    for part in chunked(contact_ids, INSERT_CHUNK):
-        rows = [
-            {
-                "id": new_id(),
-                "org_id": org_id,
-                "sequence_id": sequence_id,
-                "contact_id": contact_id,
-                "run_id": run_id,
-                "status": "active",
-                "current_step": 0,
-                "next_step_at": next_step_at,
-                "attempts": 0,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for contact_id in part
-        ]
-        statement = (
-            dialect_insert(session, table)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=["sequence_id", "contact_id"])
-            .returning(table.c.contact_id)
-        )
-        enrolled.update((await session.execute(statement)).scalars())
-    return enrolled
-
-
-async def insert_run_items(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
-    """``rows``: run_id, item_index, input, contact_id, outcome, reason."""
-    for part in chunked(rows, INSERT_CHUNK):
-        await session.execute(insert(RunItem).values(list(part)))
