@@ -16,14 +16,13 @@ the safe direction, never a double execution.
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, update
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from opensequence.api.errors import reason
+from opensequence.api.middleware import send_error_dto, send_json
 from opensequence.auth.service import authenticate
 from opensequence.db import Database
 from opensequence.db.dialect import insert_for
@@ -52,7 +51,7 @@ class IdempotencyMiddleware:
             return
         key = raw_key.decode("latin-1")
         if not key or len(key) > MAX_KEY or not key.isprintable():
-            await _send_json(send, 400, f"Idempotency-Key: must be 1-{MAX_KEY} printable chars")
+            await send_error_dto(send, 400, f"Idempotency-Key: must be 1-{MAX_KEY} printable chars")
             return
         db: Database = scope["app"].state.db
         async with db.transaction() as session:
@@ -71,11 +70,13 @@ class IdempotencyMiddleware:
         stored = await _reserve(db, principal.org_id, key, digest)
         if stored is not None:
             if stored.request_hash != digest:
-                await _send_json(
+                await send_error_dto(
                     send, 409, "Idempotency-Key was already used with a different request"
                 )
             elif stored.status_code == IN_PROGRESS:
-                await _send_json(send, 409, "a request with this Idempotency-Key is in progress")
+                await send_error_dto(
+                    send, 409, "a request with this Idempotency-Key is in progress"
+                )
             else:
                 await _replay(send, stored.status_code, stored.response_body)
             return
@@ -183,30 +184,4 @@ async def _settle(db: Database, org_id: Any, key: str, captured: dict[str, Any])
 
 
 async def _replay(send: Send, status: int, body: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"idempotent-replayed", b"true"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _send_json(send: Send, status: int, message: str) -> None:
-    body = json.dumps({"statusCode": status, "message": message, "error": reason(status)}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, status, body, [(b"idempotent-replayed", b"true")])

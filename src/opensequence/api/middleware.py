@@ -50,8 +50,27 @@ class HttpMetrics:
         )
 
 
-def _error_body(status: int, message: str) -> bytes:
-    return json.dumps({"statusCode": status, "message": message, "error": reason(status)}).encode()
+async def send_json(
+    send: Send, status: int, body: bytes, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer with a complete JSON response from ASGI middleware (no app behind it)."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(extra_headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error_dto(send: Send, status: int, message: str) -> None:
+    body = {"statusCode": status, "message": message, "error": reason(status)}
+    await send_json(send, status, json.dumps(body).encode())
 
 
 class RequestContextMiddleware:
@@ -84,19 +103,19 @@ class RequestContextMiddleware:
         try:
             declared = _content_length(scope)
             if declared is not None and declared > self.max_body:
-                await self._send_error(send_wrapper, 413, self._too_large_message())
+                await send_error_dto(send_wrapper, 413, self._too_large_message())
                 return
             if _has_non_json_body(scope, declared):
-                await self._send_error(send_wrapper, 415, "Content-Type must be application/json")
+                await send_error_dto(send_wrapper, 415, "Content-Type must be application/json")
                 return
             await self.app(scope, self._limited(receive), send_wrapper)
         except BodyTooLarge:
             if not status_holder["started"]:
-                await self._send_error(send_wrapper, 413, self._too_large_message())
+                await send_error_dto(send_wrapper, 413, self._too_large_message())
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not status_holder["started"]:
-                await self._send_error(send_wrapper, 500, "Internal server error")
+                await send_error_dto(send_wrapper, 500, "Internal server error")
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
@@ -121,21 +140,6 @@ class RequestContextMiddleware:
             return message
 
         return limited_receive
-
-    @staticmethod
-    async def _send_error(send: Send, status: int, message: str) -> None:
-        body = _error_body(status, message)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
 
 
 def _content_length(scope: Scope) -> int | None:
