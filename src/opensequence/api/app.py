@@ -99,5 +99,6 @@ def create_app(
 def _domain_routers() -> list[Any]:
     """Every domain router, in the order they appear in the docs."""
     from opensequence.auth.router import router as auth_router
+    from opensequence.enrollments.router import router as enrollments_router
 
-    return [auth_router]
+    return [auth_router, enrollments_router]

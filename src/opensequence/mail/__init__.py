@@ -1,0 +1,1 @@
+"""Outgoing mail: Liquid rendering, MIME building and transports behind one small protocol."""
