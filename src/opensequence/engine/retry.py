@@ -48,5 +48,6 @@ class RetryPolicy:
         deadline = first_attempt_at + timedelta(seconds=self.horizon_seconds)
         if now >= deadline:
             return GiveUp(f"retries exhausted: {error.reason}")
-        at = now + timedelta(seconds=self.delay(attempt))
-        return Retry(at=min(at, deadline), reason=error.reason)
+        remaining = (deadline - now).total_seconds()
+        wait = min(self.delay(attempt), remaining)
+        return Retry(at=now + timedelta(seconds=wait), reason=error.reason)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import mailbox
+import threading
 from pathlib import Path
 
 from opensequence.mail.errors import TransientSendError
@@ -16,16 +17,21 @@ class MaildirTransport:
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self._box: mailbox.Maildir | None = None
+        self._lock = threading.Lock()
 
     def _deliver(self, outgoing: Outgoing) -> str:
-        if self._box is None:
-            self._box = mailbox.Maildir(self.path, create=True)
-        return self._box.add(outgoing.message)
+        # Sends run in worker threads. Creating the maildir from several at once races (one
+        # sees ``tmp/`` before another made it) and ``Maildir`` numbers its unique file names
+        # with an unlocked counter, so deliveries are serialised: one small file write each.
+        with self._lock:
+            if self._box is None:
+                self._box = mailbox.Maildir(self.path, create=True)
+            return self._box.add(outgoing.message)
 
     async def send(self, outgoing: Outgoing) -> None:
         try:
             await asyncio.to_thread(self._deliver, outgoing)
-        except OSError as exc:
+        except (OSError, mailbox.Error) as exc:
             raise TransientSendError(f"maildir: {exc}") from exc
 
     async def aclose(self) -> None:
