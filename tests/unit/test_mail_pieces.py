@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import uuid
 from datetime import UTC, datetime
+from email.message import EmailMessage
 
 import aiosmtplib
 import pytest
 
 from opensequence.mail.errors import PermanentSendError, TransientSendError
-from opensequence.mail.message import build_message, html_to_text
+from opensequence.mail.message import build_message, html_to_text, to_bytes
 from opensequence.mail.render import TemplateError, check, render
 from opensequence.mail.transports import transport_from_url
 from opensequence.mail.transports.maildir import MaildirTransport
@@ -59,7 +62,7 @@ def test_rendering_is_plain_data_only() -> None:
 
 
 def test_message_has_both_parts_and_one_click_headers() -> None:
-    message = build_message(
+    built = build_message(
         from_email="a@example.com",
         sender_name="Team",
         to_email="b@example.org",
@@ -69,14 +72,39 @@ def test_message_has_both_parts_and_one_click_headers() -> None:
         date=datetime(2026, 1, 1, tzinfo=UTC),
         unsubscribe_url="https://h/unsubscribe/t",
     )
+    raw = to_bytes(built)
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
     assert message["Subject"] == "Hi there"
     assert message["List-Unsubscribe"] == "<https://h/unsubscribe/t>"
     assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert message.get_content_type() == "multipart/alternative"
     text = message.get_body(("plain",))
     assert text is not None
-    assert text.get_content() == "Hello&bye\n\n- one\nlink (https://x.y/z)\n"
-    assert b'From: "Team" <a@example.com>' in message.as_bytes()
+    assert text.get_content().replace("\r\n", "\n") == "Hello&bye\n\n- one\nlink (https://x.y/z)\n"
+    assert b'From: "Team" <a@example.com>\r\n' in raw
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+
+
+def test_non_ascii_names_and_subjects_are_encoded() -> None:
+    built = build_message(
+        from_email="a@example.com",
+        sender_name="Zoë",
+        to_email="b@example.org",
+        subject="Grüße",
+        html_body="<p>" + "é" * 3000 + "</p>",
+        message_id="<2@example.com>",
+        date=datetime(2026, 1, 1, tzinfo=UTC),
+        unsubscribe_url=None,
+    )
+    raw = to_bytes(built)
+    assert raw.isascii()
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert message["Subject"] == "Grüße"
+    assert message["From"].addresses[0].display_name == "Zoë"
+    assert message["List-Unsubscribe"] is None
+    html = message.get_body(("html",))
+    assert html is not None and html.get_content() == "<p>" + "é" * 3000 + "</p>"
 
 
 def test_html_to_text_drops_style_and_script() -> None:

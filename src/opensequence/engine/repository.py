@@ -235,6 +235,20 @@ async def release(session: AsyncSession, ids: Iterable[uuid.UUID], *, worker: st
         )
 
 
+async def renew(
+    session: AsyncSession, ids: Iterable[uuid.UUID], *, worker: str, until: datetime
+) -> None:
+    """Extend leases this worker still holds (a heartbeat while a batch is being sent)."""
+    wanted = list(ids)
+    if wanted:
+        e = ENROLLMENTS.c
+        await session.execute(
+            update(ENROLLMENTS)
+            .where(e.id.in_(wanted), e.locked_by == worker, e.status == "active")
+            .values(locked_until=until)
+        )
+
+
 @dataclass(frozen=True)
 class Recheck:
     mine: bool

@@ -46,7 +46,13 @@ from opensequence.engine import repository as repo
 from opensequence.engine.metrics import EngineMetrics
 from opensequence.engine.retry import GiveUp, RetryPolicy
 from opensequence.mail.errors import SendError, TransientSendError
-from opensequence.mail.message import Outgoing, build_message, domain_of, make_message_id
+from opensequence.mail.message import (
+    Outgoing,
+    build_message,
+    domain_of,
+    make_message_id,
+    to_bytes,
+)
 from opensequence.mail.render import TemplateError, render
 from opensequence.mail.transports import Transport
 from opensequence.unsubscribe import load_secret, make_token, unsubscribe_url
@@ -90,7 +96,7 @@ class Worker:
         clock: Clock | None = None,
         concurrency: int = 20,
         batch_size: int | None = None,
-        pipelines: int = 2,
+        pipelines: int = 4,
         worker_id: str | None = None,
         registry: CollectorRegistry | None = None,
         retry: RetryPolicy | None = None,
@@ -100,7 +106,7 @@ class Worker:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.concurrency = concurrency
-        self.batch_size = batch_size or concurrency * 5
+        self.batch_size = batch_size or concurrency * 10
         self.pipelines = pipelines
         self.id = worker_id or make_worker_id()
         self.lease = timedelta(seconds=settings.worker_lease_seconds)
@@ -176,10 +182,26 @@ class Worker:
             if not claimed:
                 return 0
             sends, one_off = await self._prepare(session, claimed, now)
-        lease_until = now + self.lease
+        lease = _Lease(now + self.lease)
         sends = await self._recheck(sends)
-        results = await asyncio.gather(*(self._send(item, lease_until) for item in sends))
-        await self._finish(results)
+        keeper = asyncio.create_task(self._keep_leases([s.claimed.id for s in sends], lease))
+        tasks = [asyncio.create_task(self._send(item, lease)) for item in sends]
+        try:
+            # Record outcomes in chunks as sends complete rather than once per batch: a crash
+            # then leaves at most a chunk of sent-but-unrecorded messages to be resent, and
+            # the database work overlaps the sends still in flight.
+            done: list[tuple[_Send, SendError | None]] = []
+            for next_done in asyncio.as_completed(tasks):
+                done.append(await next_done)
+                if len(done) >= self.concurrency:
+                    await self._finish(done)
+                    done = []
+            await self._finish(done)
+        finally:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
         if one_off or any(item.one_off for item in sends):
             await self.sweep_lifecycle()
         return len(claimed)
@@ -320,7 +342,9 @@ class Worker:
                     message_row=row_id,
                     message_attempts=attempts,
                     first_attempt_at=first_at,
-                    outgoing=Outgoing(rendered["from_email"], rendered["to_email"], message),
+                    outgoing=Outgoing(
+                        rendered["from_email"], rendered["to_email"], to_bytes(message)
+                    ),
                     next_delay=None if next_step is None else float(next_step.delay_in_minutes),
                     one_off=not sequence.is_continuous,
                 )
@@ -410,9 +434,28 @@ class Worker:
             await repo.release(session, released, worker=self.id)
         return keep
 
-    async def _send(self, item: _Send, lease_until: datetime) -> tuple[_Send, SendError | None]:
+    async def _keep_leases(self, ids: list[uuid.UUID], lease: _Lease) -> None:
+        """Extend this batch's leases every third of the lease while its sends run, so that a
+        slow provider never lets another worker take (and resend) live claims; only a dead
+        worker's leases run out. A renewal that fails leaves ``lease.until`` where it was and
+        :meth:`_send` stops starting sends once it has passed."""
+        if not ids:
+            return
+        period = self.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(period)
+            until = self.clock.now() + self.lease
+            try:
+                async with self.db.transaction() as session:
+                    await repo.renew(session, ids, worker=self.id, until=until)
+            except DBAPIError as exc:
+                log.warning("lease renewal failed: %s", exc)
+                continue
+            lease.until = until
+
+    async def _send(self, item: _Send, lease: _Lease) -> tuple[_Send, SendError | None]:
         async with self._slots:
-            if self._stopping or self.clock.now() >= lease_until:
+            if self._stopping or self.clock.now() >= lease.until:
                 return item, _NotSent("not sent: worker stopping or lease expiring")
             try:
                 await self.transport.send(item.outgoing)
@@ -424,6 +467,9 @@ class Worker:
             return item, None
 
     async def _finish(self, results: Iterable[tuple[_Send, SendError | None]]) -> None:
+        results = list(results)
+        if not results:
+            return
         now = self.clock.now()
         messages: list[dict[str, Any]] = []
         enrollments: list[dict[str, Any]] = []
@@ -494,6 +540,11 @@ class Worker:
             return
         self.metrics.due_backlog.set(count)
         self.metrics.oldest_due_lag.set(0 if oldest is None else (now - oldest).total_seconds())
+
+
+@dataclass
+class _Lease:
+    until: datetime
 
 
 class _NotSent(SendError):

@@ -9,6 +9,7 @@ bound; every failure surfaces as :class:`TemplateError`, which the engine record
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from liquid import Environment
@@ -30,14 +31,21 @@ class _BoundedEnvironment(Environment):
 
 _HTML = _BoundedEnvironment(autoescape=True)
 _TEXT = _BoundedEnvironment(autoescape=False)
+_CACHE_SIZE = 512
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _parsed(source: str, html: bool) -> Any:
+    """Parsing costs more than rendering, and a batch renders one template for many contacts:
+    parsed templates are kept by source text (immutable, so sharing them is safe)."""
+    return (_HTML if html else _TEXT).from_string(source)
 
 
 def render(source: str, context: dict[str, Any], *, html: bool) -> str:
     """Render ``source`` over ``context``. ``html`` escapes interpolated values so that a
     contact named ``<b>`` cannot inject markup into the body; subjects are plain text."""
-    environment = _HTML if html else _TEXT
     try:
-        return str(environment.from_string(source).render(**context))
+        return str(_parsed(source, html).render(**context))
     except LiquidError as exc:
         raise TemplateError(str(exc)) from exc
     except (RecursionError, MemoryError, ValueError, TypeError) as exc:

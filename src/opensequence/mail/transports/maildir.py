@@ -26,7 +26,7 @@ class MaildirTransport:
         with self._lock:
             if self._box is None:
                 self._box = mailbox.Maildir(self.path, create=True)
-            return self._box.add(outgoing.message)
+            return self._box.add(outgoing.data)
 
     async def send(self, outgoing: Outgoing) -> None:
         try:

@@ -75,9 +75,7 @@ class SmtpTransport:
             try:
                 if client is None or not client.is_connected:
                     client = await self._connect()
-                await client.send_message(
-                    outgoing.message, sender=outgoing.sender, recipients=[outgoing.recipient]
-                )
+                await client.sendmail(outgoing.sender, [outgoing.recipient], outgoing.data)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 if client is not None:
                     client.close()
