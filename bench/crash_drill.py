@@ -58,7 +58,7 @@ async def drill(messages: int) -> int:
         contacts = messages // 2
         await seed(db, contacts, steps=2)
         env = subprocess_env(
-            url, f"smtp://127.0.0.1:{port}?tls=none", OPENSEQUENCE_WORKER_LEASE_SECONDS="5"
+            url, f"smtp://127.0.0.1:{port}?tls=none", OPENSEQUENCE_WORKER_LEASE_SECONDS="20"
         )
         started = time.perf_counter()
         workers = [start_worker(env), start_worker(env)]

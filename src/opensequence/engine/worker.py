@@ -107,6 +107,7 @@ class Worker:
         self.clock = clock or SystemClock()
         self.concurrency = concurrency
         self.batch_size = batch_size or concurrency * 10
+        self.finish_chunk = max(2 * concurrency, 1)
         self.pipelines = pipelines
         self.id = worker_id or make_worker_id()
         self.lease = timedelta(seconds=settings.worker_lease_seconds)
@@ -184,7 +185,10 @@ class Worker:
             sends, one_off = await self._prepare(session, claimed, now)
         lease = _Lease(now + self.lease)
         sends = await self._recheck(sends)
-        keeper = asyncio.create_task(self._keep_leases([s.claimed.id for s in sends], lease))
+        late = self.clock.now() - now > self.lease / 3
+        keeper = asyncio.create_task(
+            self._keep_leases([s.claimed.id for s in sends], lease, renew_now=late)
+        )
         tasks = [asyncio.create_task(self._send(item, lease)) for item in sends]
         try:
             # Record outcomes in chunks as sends complete rather than once per batch: a crash
@@ -193,7 +197,7 @@ class Worker:
             done: list[tuple[_Send, SendError | None]] = []
             for next_done in asyncio.as_completed(tasks):
                 done.append(await next_done)
-                if len(done) >= self.concurrency:
+                if len(done) >= self.finish_chunk:
                     await self._finish(done)
                     done = []
             await self._finish(done)
@@ -434,16 +438,19 @@ class Worker:
             await repo.release(session, released, worker=self.id)
         return keep
 
-    async def _keep_leases(self, ids: list[uuid.UUID], lease: _Lease) -> None:
+    async def _keep_leases(self, ids: list[uuid.UUID], lease: _Lease, *, renew_now: bool) -> None:
         """Extend this batch's leases every third of the lease while its sends run, so that a
         slow provider never lets another worker take (and resend) live claims; only a dead
         worker's leases run out. A renewal that fails leaves ``lease.until`` where it was and
-        :meth:`_send` stops starting sends once it has passed."""
+        :meth:`_send` stops starting sends once it has passed. ``renew_now``: preparing the
+        batch already used a third of the lease (a loaded machine), so renew before sending."""
         if not ids:
             return
         period = self.lease.total_seconds() / 3
         while True:
-            await asyncio.sleep(period)
+            if not renew_now:
+                await asyncio.sleep(period)
+            renew_now = False
             until = self.clock.now() + self.lease
             try:
                 async with self.db.transaction() as session:
