@@ -149,6 +149,11 @@ class Worker:
             except (DBAPIError, OSError) as exc:
                 log.warning("worker iteration failed, retrying after the poll interval: %s", exc)
                 claimed = 0
+            except Exception:
+                # A bug must not silently end delivery: log it and carry on; the batch's
+                # leases expire and it is retried.
+                log.exception("worker iteration crashed; continuing after the poll interval")
+                claimed = 0
             await self._refresh_metrics()
             if claimed == 0 and not self._stopping:
                 self._wake.clear()
