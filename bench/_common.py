@@ -1,55 +1,228 @@
-"""Shared plumbing for the benchmarks: fresh databases, a served API, peak RSS."""
+"""Shared pieces of the benchmarks: throwaway databases, set-based seeding, SMTP sinks, a served
+API, peak RSS."""
 
 from __future__ import annotations
 
 import contextlib
+import email
+import email.policy
 import os
 import resource
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
+from aiosmtpd.controller import Controller
+from sqlalchemy import insert
+
+from opensequence.db import Database
+from opensequence.db.migrate import upgrade
+from opensequence.db.types import new_id
+from opensequence.models import Contact, Enrollment, Organization, Run, Sequence, SequenceStep
 
 PG_ADMIN_URL = os.environ.get(
     "OPENSEQUENCE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-
-
-@contextlib.contextmanager
-def fresh_database(backend: str) -> Iterator[str]:
-    """A new, empty database URL for ``backend`` (sqlite or postgresql), removed afterwards."""
-    from opensequence.db.migrate import upgrade
-
-    if backend == "sqlite":
-        with tempfile.TemporaryDirectory() as tmp:
-            url = f"sqlite:///{Path(tmp) / 'bench.db'}"
-            upgrade(url)
-            yield url
-        return
-    name = f"osq_bench_{uuid.uuid4().hex[:10]}"
-    base = PG_ADMIN_URL.rpartition("/")[0]
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
-    url = f"{base}/{name}"
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def pg_url(name: str) -> str:
+    return f"{PG_ADMIN_URL.rpartition('/')[0]}/{name}"
+
+
+def create_pg_database(prefix: str) -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    url = pg_url(name)
+    upgrade(url)
+    return url
+
+
+def drop_pg_database(url: str) -> None:
+    name = url.rpartition("/")[2]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+
+
+STEP = {
+    "type": "send_emails",
+    "data": {
+        "from_email": "bench@example.com",
+        "email_subject": "Step {{ step.index }} for {{ contact.email }}",
+        "email_body": "<p>Hello {{ contact.name }},</p><p>plan {{ contact.custom_data.plan }}"
+        ' — <a href="{{ unsubscribe_url }}">unsubscribe</a></p>',
+        "email_sender_name": "Bench",
+        "email_is_transactional": False,
+    },
+}
+
+
+async def seed(db: Database, contacts: int, steps: int = 1) -> uuid.UUID:
+    """One continuous sequence of ``steps`` zero-delay email steps and ``contacts`` enrollments
+    all due now, written with a handful of bulk INSERTs."""
+    now = datetime.now(UTC)
+    org_id, sequence_id, run_id = new_id(), new_id(), new_id()
+    contact_rows = [
+        {
+            "id": new_id(),
+            "org_id": org_id,
+            "email": f"person{i}@example.org",
+            "email_normalized": f"person{i}@example.org",
+            "name": f"Person {i}",
+            "custom_data": {"plan": "pro"},
+            "created_at": now,
+            "updated_at": now,
+        }
+        for i in range(contacts)
+    ]
+    async with db.transaction() as session:
+        await session.execute(
+            insert(Organization), [{"id": org_id, "name": f"bench-{org_id}", "created_at": now}]
+        )
+        await session.execute(insert(Contact), contact_rows)
+        await session.execute(
+            insert(Sequence),
+            [
+                {
+                    "id": sequence_id,
+                    "org_id": org_id,
+                    "name": "Bench",
+                    "is_continuous": True,
+                    "status": "active",
+                    "started_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            ],
+        )
+        await session.execute(
+            insert(SequenceStep),
+            [
+                {"sequence_id": sequence_id, "step_index": i, "action": STEP, "delay_in_minutes": 0}
+                for i in range(steps)
+            ],
+        )
+        await session.execute(
+            insert(Run),
+            [
+                {
+                    "id": run_id,
+                    "org_id": org_id,
+                    "sequence_id": sequence_id,
+                    "kind": "start",
+                    "total": contacts,
+                    "counts": {},
+                    "created_at": now,
+                }
+            ],
+        )
+        await session.execute(
+            insert(Enrollment),
+            [
+                {
+                    "id": new_id(),
+                    "org_id": org_id,
+                    "sequence_id": sequence_id,
+                    "contact_id": row["id"],
+                    "run_id": run_id,
+                    "run_index": i,
+                    "status": "active",
+                    "current_step": 0,
+                    "next_step_at": now,
+                    "attempts": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for i, row in enumerate(contact_rows)
+            ],
+        )
+    return sequence_id
+
+
+class RecordingSink:
+    """An aiosmtpd handler that keeps every accepted message's Message-ID, To and Subject."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ids: Counter[str] = Counter()
+        self.keys: dict[tuple[str, str], set[str]] = {}
+        self.total = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        message_id = str(message["Message-ID"])
+        key = (str(message["To"]), str(message["Subject"]))
+        with self.lock:
+            self.total += 1
+            self.ids[message_id] += 1
+            self.keys.setdefault(key, set()).add(message_id)
+        return "250 OK"
+
+
+class CountingSink:
+    """The cheapest possible sink: accept and count (throughput runs)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.total += 1
+        return "250 OK"
+
+
+def start_sink(handler: Any, port: int | None = None) -> tuple[Controller, int]:
+    port = port or free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    return controller, port
+
+
+def subprocess_env(database_url: str, mail_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENSEQUENCE_")}
+    env.update(
+        OPENSEQUENCE_DATABASE_URL=database_url,
+        OPENSEQUENCE_MAIL_URL=mail_url,
+        OPENSEQUENCE_WORKER_POLL_SECONDS="0.1",
+        **extra,
+    )
+    return env
+
+
+WORKER = [sys.executable, "-m", "opensequence", "worker"]
+
+
+@contextlib.contextmanager
+def fresh_database(backend: str) -> Iterator[str]:
+    """A new, migrated database URL for ``backend`` (sqlite or postgresql), removed afterwards."""
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory() as tmp:
+            url = f"sqlite:///{Path(tmp) / 'bench.db'}"
+            upgrade(url)
+            yield url
+        return
+    url = create_pg_database("osq_bench")
+    try:
+        yield url
+    finally:
+        drop_pg_database(url)
 
 
 @contextlib.contextmanager

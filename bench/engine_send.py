@@ -1,0 +1,181 @@
+"""Engine throughput: 5,000 messages into an aiosmtpd sink (its own process), against a raw
+aiosmtplib loop that sends the same 5,000 pre-built messages over the same number of pooled
+connections, in the same run. Engine figures on SQLite and PostgreSQL (one in-process worker),
+and with two ``opensequence worker`` processes on PostgreSQL.
+
+Usage: ``python bench/engine_send.py [--messages 5000] [--concurrency 20] [--skip-pg]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiosmtplib
+from sqlalchemy import text
+
+from _common import (
+    WORKER,
+    create_pg_database,
+    drop_pg_database,
+    free_port,
+    seed,
+    subprocess_env,
+)
+from opensequence.config import Settings
+from opensequence.db import Database
+from opensequence.db.migrate import upgrade
+from opensequence.engine.worker import Worker
+from opensequence.mail.message import build_message, to_bytes
+from opensequence.mail.transports import transport_from_url
+
+
+def start_sink_process(port: int) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("sink_server.py")), str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+async def raw_loop(port: int, messages: int, concurrency: int) -> float:
+    """The ceiling: pre-built messages, ``concurrency`` connections each sending its share."""
+    now = datetime.now(UTC)
+    built = [
+        to_bytes(
+            build_message(
+                from_email="bench@example.com",
+                sender_name="Bench",
+                to_email=f"person{i}@example.org",
+                subject=f"Step 0 for person{i}@example.org",
+                html_body=f"<p>Hello Person {i},</p><p>plan pro</p>",
+                message_id=f"<raw-{i}@example.com>",
+                date=now,
+                unsubscribe_url="http://127.0.0.1:8000/unsubscribe/x",
+            )
+        )
+        for i in range(messages)
+    ]
+
+    async def lane(first: int) -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
+        await client.connect()
+        for i in range(first, messages, concurrency):
+            await client.sendmail("bench@example.com", [f"person{i}@example.org"], built[i])
+        await client.quit()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane(i) for i in range(concurrency)))
+    return messages / (time.perf_counter() - started)
+
+
+async def engine_in_process(url: str, port: int, messages: int, concurrency: int) -> float:
+    db = Database(url)
+    try:
+        await seed(db, messages)
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            database_url=url,
+            mail_url=f"smtp://127.0.0.1:{port}?tls=none",
+        )
+        transport = transport_from_url(settings.mail_url, pool_size=concurrency)
+        worker = Worker(db, transport, settings, concurrency=concurrency)
+        started = time.perf_counter()
+        await asyncio.gather(*(worker.drain() for _ in range(worker.pipelines)))
+        elapsed = time.perf_counter() - started
+        await transport.aclose()
+        async with db.transaction() as session:
+            sent = (
+                await session.execute(text("SELECT count(*) FROM messages WHERE status = 'sent'"))
+            ).scalar_one()
+        assert sent == messages, f"only {sent} of {messages} sent"
+        return messages / elapsed
+    finally:
+        await db.dispose()
+
+
+def start_worker(env: dict[str, str], concurrency: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*WORKER, "--concurrency", str(concurrency)], env=env, stderr=subprocess.DEVNULL
+    )
+
+
+def report(label: str, rate: float, raw: float, note: str = "") -> None:
+    print(f"{label:<40} {rate:8.0f} msg/s  ({rate / raw:.2f}x raw{note})")
+
+
+async def engine_processes(url: str, port: int, messages: int, concurrency: int, n: int) -> float:
+    db = Database(url)
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        await seed(db, messages)
+        env = subprocess_env(url, f"smtp://127.0.0.1:{port}?tls=none")
+        started = time.perf_counter()
+        workers = [start_worker(env, concurrency) for _ in range(n)]
+        while True:
+            async with db.transaction() as session:
+                sent = (
+                    await session.execute(
+                        text("SELECT count(*) FROM messages WHERE status = 'sent'")
+                    )
+                ).scalar_one()
+            if sent >= messages:
+                break
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        return messages / elapsed
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            worker.wait(timeout=60)
+        await db.dispose()
+
+
+async def main(messages: int, concurrency: int, skip_pg: bool) -> None:
+    port = free_port()
+    sink = start_sink_process(port)
+    try:
+        raw = await raw_loop(port, messages, concurrency)
+        print(f"{f'raw aiosmtplib loop, {concurrency} connections':<40} {raw:8.0f} msg/s")
+        with tempfile.TemporaryDirectory() as tmp:
+            url = f"sqlite:///{tmp}/bench.db"
+            upgrade(url)
+            rate = await engine_in_process(url, port, messages, concurrency)
+        report("engine, SQLite, 1 worker", rate, raw)
+        if skip_pg:
+            return
+        url = create_pg_database("osq_bench")
+        try:
+            rate = await engine_in_process(url, port, messages, concurrency)
+        finally:
+            drop_pg_database(url)
+        report("engine, PostgreSQL, 1 worker", rate, raw)
+        url = create_pg_database("osq_bench")
+        try:
+            rate = await engine_processes(url, port, messages, concurrency, 2)
+        finally:
+            drop_pg_database(url)
+        report("engine, PostgreSQL, 2 worker processes", rate, raw, ", incl. start-up")
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        sink.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--skip-pg", action="store_true")
+    args = parser.parse_args()
+    asyncio.run(main(args.messages, args.concurrency, args.skip_pg))

@@ -1,0 +1,25 @@
+"""A counting aiosmtpd sink in its own process, so that the benchmarks' sender and receiver do
+not share a GIL: ``python bench/sink_server.py PORT`` prints ``ready`` once listening."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from _common import CountingSink, start_sink
+
+
+def main() -> None:
+    port = int(sys.argv[1])
+    controller, _ = start_sink(CountingSink(), port)
+    print("ready", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    controller.stop()
+
+
+if __name__ == "__main__":
+    main()
