@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     rate_limit: str = "100/minute"
     redis_url: str | None = None
     worker_poll_seconds: Annotated[float, Field(gt=0)] = 1.0
+    worker_lease_seconds: Annotated[float, Field(gt=0)] = 300.0
     max_contacts_per_request: Annotated[int, Field(ge=1)] = 10_000
     retry_base_seconds: Annotated[float, Field(gt=0)] = 60.0
     retry_horizon_seconds: Annotated[float, Field(gt=0)] = 86_400.0

@@ -103,7 +103,15 @@ def _domain_routers() -> list[Any]:
     from opensequence.auth.router import router as auth_router
     from opensequence.contacts.router import router as contacts_router
     from opensequence.deliverability.router import router as deliverability_router
+    from opensequence.enrollments.router import router as enrollments_router
     from opensequence.runs.router import router as runs_router
     from opensequence.sequences.router import router as sequences_router
 
-    return [auth_router, contacts_router, sequences_router, runs_router, deliverability_router]
+    return [
+        auth_router,
+        contacts_router,
+        sequences_router,
+        runs_router,
+        enrollments_router,
+        deliverability_router,
+    ]

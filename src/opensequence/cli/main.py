@@ -70,7 +70,47 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
 
 
 def _serve_background() -> list[BackgroundFactory]:
-    return []
+    from opensequence.engine.runner import background_worker
+
+    return [background_worker()]
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, max=1000, help="Sends in flight at once.")
+    ] = 20,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", min=1, max=65535, help="Serve /metrics on this port."),
+    ] = None,
+) -> None:
+    """Delivery engine only (scale-out role). Migrates first. SIGTERM/SIGINT: stop claiming,
+    finish in-flight sends, release unused claims, exit 0."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from opensequence.engine.runner import run_worker
+
+    settings = load_settings()
+    setup_logging()
+    try:
+        from opensequence.mail.transports import transport_from_url
+
+        transport_from_url(settings.mail_url)
+    except ValueError as exc:
+        fail(f"OPENSEQUENCE_MAIL_URL: {exc}")
+    migrate(settings.database_url)
+    registry = None
+    if metrics_port is not None:
+        registry = CollectorRegistry()
+        start_http_server(metrics_port, addr="127.0.0.1", registry=registry)
+
+    async def work(db: Database) -> None:
+        await run_worker(
+            db, settings, concurrency=concurrency, registry=registry, handle_signals=True
+        )
+
+    run_with_db(settings, work)
 
 
 @app.command()

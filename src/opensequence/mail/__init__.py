@@ -1,1 +1,2 @@
-"""Mail: Liquid templates, MIME messages and transports."""
+"""Outgoing mail: Liquid templates and rendering, MIME building and transports behind one small
+protocol."""

@@ -1,0 +1,1 @@
+"""The delivery engine: claim due enrollments in batches, execute the step, advance."""

@@ -1,0 +1,321 @@
+"""All SQL of the engine. Every statement is set-based over a claimed batch (DESIGN rule 2):
+a batch of N enrollments costs a fixed handful of round trips, not N.
+
+Concurrency hazards and how each statement handles them:
+
+- Two workers claiming the same row: PostgreSQL locks the candidates with ``FOR UPDATE SKIP
+  LOCKED`` (a second worker skips them) and the lease is written in the same transaction;
+  SQLite has one writer at a time (``BEGIN IMMEDIATE``) so the same two statements are atomic.
+- A worker whose lease expired (it stalled or died) while another took over: every write to an
+  enrollment is guarded by ``locked_by = me AND current_step = <claimed step>``, so the stale
+  worker's advance matches no row and cannot move the enrollment twice.
+- Cancellation racing a send: the claim only takes ``status = 'active'`` rows and
+  :func:`recheck` re-reads the enrollment, its sequence and its contact right before the
+  provider is called.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import (
+    Table,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from opensequence.db.conflict import insert_ignoring_conflicts
+from opensequence.models import Contact, Enrollment, Message, Sequence, SequenceStep
+
+ENROLLMENTS = cast(Table, Enrollment.__table__)
+MESSAGES = cast(Table, Message.__table__)
+SEQUENCES = cast(Table, Sequence.__table__)
+STEPS = cast(Table, SequenceStep.__table__)
+CONTACTS = cast(Table, Contact.__table__)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: uuid.UUID
+    org_id: uuid.UUID
+    sequence_id: uuid.UUID
+    contact_id: uuid.UUID
+    current_step: int
+    attempts: int
+
+
+async def claim_due(
+    session: AsyncSession, *, now: datetime, worker: str, lease: timedelta, limit: int
+) -> list[Claimed]:
+    """Lease up to ``limit`` due enrollments to ``worker``, oldest due first."""
+    e = ENROLLMENTS.c
+    due = (
+        select(e.id)
+        .where(
+            e.status == "active",
+            e.next_step_at <= now,
+            or_(e.locked_until.is_(None), e.locked_until < now),
+        )
+        .order_by(e.next_step_at)
+        .limit(limit)
+    )
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    ids = list((await session.scalars(due)).all())
+    if not ids:
+        return []
+    result = await session.execute(
+        update(ENROLLMENTS)
+        .where(e.id.in_(ids), e.status == "active")
+        .values(locked_until=now + lease, locked_by=worker)
+        .returning(e.id, e.org_id, e.sequence_id, e.contact_id, e.current_step, e.attempts)
+    )
+    return [Claimed(*row) for row in result.all()]
+
+
+async def load_sequences(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
+    s = SEQUENCES.c
+    rows = await session.execute(
+        select(s.id, s.org_id, s.name, s.custom_id, s.status, s.is_continuous).where(
+            s.id.in_(set(ids))
+        )
+    )
+    return {row.id: row for row in rows}
+
+
+async def load_steps(
+    session: AsyncSession, sequence_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, list[Any]]:
+    st = STEPS.c
+    rows = await session.execute(
+        select(st.sequence_id, st.step_index, st.action, st.delay_in_minutes)
+        .where(st.sequence_id.in_(set(sequence_ids)))
+        .order_by(st.sequence_id, st.step_index)
+    )
+    steps: dict[uuid.UUID, list[Any]] = {}
+    for row in rows:
+        steps.setdefault(row.sequence_id, []).append(row)
+    return steps
+
+
+async def load_contacts(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
+    c = CONTACTS.c
+    rows = await session.execute(
+        select(c.id, c.org_id, c.email, c.phone_number, c.name, c.custom_data).where(
+            c.id.in_(set(ids))
+        )
+    )
+    return {row.id: row for row in rows}
+
+
+async def insert_messages(session: AsyncSession, rows: Seq[dict[str, Any]]) -> None:
+    """Insert send records; a (enrollment, step) that already has one keeps it (a resend after a
+    crash or a retry reuses that row and its Message-ID)."""
+    if rows:
+        statement = insert_ignoring_conflicts(session, MESSAGES, ["enrollment_id", "step_index"])
+        await session.execute(statement, list(rows))
+
+
+async def load_messages(
+    session: AsyncSession, pairs: Iterable[tuple[uuid.UUID, int]]
+) -> dict[tuple[uuid.UUID, int], Any]:
+    m = MESSAGES.c
+    wanted = list(pairs)
+    if not wanted:
+        return {}
+    rows = await session.execute(
+        select(
+            m.id,
+            m.enrollment_id,
+            m.step_index,
+            m.status,
+            m.reason,
+            m.message_id,
+            m.attempts,
+            m.created_at,
+        ).where(tuple_(m.enrollment_id, m.step_index).in_(wanted))
+    )
+    return {(row.enrollment_id, row.step_index): row for row in rows}
+
+
+async def stamp_steps_started(
+    session: AsyncSession, pairs: Iterable[tuple[uuid.UUID, int]], now: datetime
+) -> None:
+    """A step's ``started_at`` is its first execution: only a NULL is ever overwritten."""
+    params = [{"b_seq": seq, "b_step": step} for seq, step in set(pairs)]
+    if not params:
+        return
+    st = STEPS.c
+    connection = await session.connection()
+    await connection.execute(
+        update(STEPS)
+        .where(
+            st.sequence_id == bindparam("b_seq"),
+            st.step_index == bindparam("b_step"),
+            st.started_at.is_(None),
+        )
+        .values(started_at=now),
+        params,
+    )
+
+
+async def update_messages(
+    session: AsyncSession, changes: Seq[dict[str, Any]], now: datetime
+) -> None:
+    """``changes``: ``{b_id, b_status, b_reason, b_attempted (0|1), b_sent_at}`` per row."""
+    if not changes:
+        return
+    m = MESSAGES.c
+    connection = await session.connection()
+    await connection.execute(
+        update(MESSAGES)
+        .where(m.id == bindparam("b_id"))
+        .values(
+            status=bindparam("b_status"),
+            reason=bindparam("b_reason"),
+            attempts=m.attempts + bindparam("b_attempted"),
+            sent_at=bindparam("b_sent_at", type_=m.sent_at.type),
+            updated_at=now,
+        ),
+        list(changes),
+    )
+
+
+async def update_enrollments(
+    session: AsyncSession, changes: Seq[dict[str, Any]], *, worker: str, now: datetime
+) -> None:
+    """Move claimed enrollments on and release their lease, each guarded by the claim it came
+    from: ``{b_id, b_claimed_step, b_status, b_step, b_next_at, b_waiting, b_attempts}``."""
+    if not changes:
+        return
+    e = ENROLLMENTS.c
+    connection = await session.connection()
+    await connection.execute(
+        update(ENROLLMENTS)
+        .where(
+            e.id == bindparam("b_id"),
+            e.locked_by == worker,
+            e.current_step == bindparam("b_claimed_step"),
+            e.status == "active",
+        )
+        .values(
+            status=bindparam("b_status"),
+            current_step=bindparam("b_step"),
+            next_step_at=bindparam("b_next_at", type_=e.next_step_at.type),
+            waiting_reason=bindparam("b_waiting"),
+            attempts=bindparam("b_attempts"),
+            locked_until=None,
+            locked_by=None,
+            updated_at=now,
+        ),
+        list(changes),
+    )
+
+
+async def release(session: AsyncSession, ids: Iterable[uuid.UUID], *, worker: str) -> None:
+    """Give leases back untouched (shutdown, or an enrollment that stopped being ours)."""
+    wanted = list(ids)
+    if wanted:
+        e = ENROLLMENTS.c
+        await session.execute(
+            update(ENROLLMENTS)
+            .where(e.id.in_(wanted), e.locked_by == worker)
+            .values(locked_until=None, locked_by=None)
+        )
+
+
+@dataclass(frozen=True)
+class Recheck:
+    mine: bool
+    enrollment_active: bool
+    sequence_active: bool
+    contact_exists: bool
+
+
+async def recheck(
+    session: AsyncSession, ids: Iterable[uuid.UUID], *, worker: str
+) -> dict[uuid.UUID, Recheck]:
+    """The state that decides, right before the provider call, whether a send may still go."""
+    wanted = list(ids)
+    if not wanted:
+        return {}
+    e, s, c = ENROLLMENTS.c, SEQUENCES.c, CONTACTS.c
+    rows = await session.execute(
+        select(e.id, e.locked_by, e.status, s.status.label("sequence_status"), c.id.label("cid"))
+        .select_from(
+            ENROLLMENTS.join(SEQUENCES, s.id == e.sequence_id).outerjoin(
+                CONTACTS, c.id == e.contact_id
+            )
+        )
+        .where(e.id.in_(wanted))
+    )
+    return {
+        row.id: Recheck(
+            mine=row.locked_by == worker,
+            enrollment_active=row.status == "active",
+            sequence_active=row.sequence_status == "active",
+            contact_exists=row.cid is not None,
+        )
+        for row in rows
+    }
+
+
+async def finish_one_off_sequences(session: AsyncSession, now: datetime) -> list[uuid.UUID]:
+    """Mark started one-off sequences without active enrollments ``complete``, and stamp
+    ``ended_at`` on steps no active enrollment can still reach.
+
+    Run in its own transaction *after* the batch that finished enrollments committed: under READ
+    COMMITTED two workers finishing the last two enrollments concurrently would each still see
+    the other's as active inside their own transaction, and neither would complete the
+    sequence. Checked after commit, the later of the two always sees both.
+    """
+    s, e, st = SEQUENCES.c, ENROLLMENTS.c, STEPS.c
+    any_active = exists().where(e.sequence_id == s.id, e.status == "active")
+    completed = await session.execute(
+        update(SEQUENCES)
+        .where(
+            s.status == "active",
+            s.is_continuous.is_(False),
+            s.started_at.is_not(None),
+            ~any_active,
+        )
+        .values(status="complete", ended_at=now, updated_at=now)
+        .returning(s.id)
+    )
+    done = list(completed.scalars().all())
+    reachable = exists().where(
+        e.sequence_id == st.sequence_id, e.status == "active", e.current_step <= st.step_index
+    )
+    one_off = select(s.id).where(
+        s.is_continuous.is_(False), s.status.in_(("active", "complete")), s.started_at.is_not(None)
+    )
+    await session.execute(
+        update(STEPS)
+        .where(st.ended_at.is_(None), st.sequence_id.in_(one_off), ~reachable)
+        .values(ended_at=now)
+    )
+    return done
+
+
+async def due_backlog(session: AsyncSession, now: datetime) -> tuple[int, datetime | None]:
+    """How many steps are due now and when the oldest of them fell due."""
+    e = ENROLLMENTS.c
+    row = (
+        await session.execute(
+            select(func.count(), func.min(e.next_step_at)).where(
+                e.status == "active", e.next_step_at <= now
+            )
+        )
+    ).one()
+    return int(row[0]), row[1]

@@ -1,0 +1,546 @@
+"""The delivery worker: claim a batch of due enrollments, record, send, record, advance.
+
+One iteration (:meth:`Worker.run_once`) is three short transactions around the network:
+
+1. **claim + prepare** — lease due enrollments, load their sequences, steps and contacts,
+   render, and insert one ``messages`` row per (enrollment, step) as ``sending`` (``ON CONFLICT
+   DO NOTHING`` + re-read: a row left ``sending`` by a crashed worker is reused, so the resend
+   carries the same Message-ID). Steps that need no provider call (skips, template errors,
+   cancellations) are settled here too. COMMIT — every send is on record before it leaves.
+2. **send** — concurrently (``concurrency`` at a time), after re-checking that the enrollment,
+   its sequence and its contact are still live.
+3. **finish** — mark messages sent/failed (or schedule the retry) and advance the enrollments,
+   each write guarded by the lease it was claimed under.
+
+The only duplicate this allows is a message whose worker died between the provider accepting it
+and step 3 committing: the next worker resends it with the same Message-ID.
+
+Time comes from an injectable :class:`~opensequence.clock.Clock`; tests drive a
+``ManualClock`` and call :meth:`Worker.run_once` / :meth:`Worker.drain` instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from opensequence.clock import Clock, SystemClock
+from opensequence.config import Settings
+from opensequence.db import Database
+from opensequence.db.types import new_id
+from opensequence.engine import repository as repo
+from opensequence.engine.metrics import EngineMetrics
+from opensequence.engine.retry import GiveUp, RetryPolicy
+from opensequence.mail.errors import SendError, TransientSendError
+from opensequence.mail.message import Outgoing, build_message, domain_of, make_message_id
+from opensequence.mail.render import TemplateError, render
+from opensequence.mail.transports import Transport
+from opensequence.unsubscribe import load_secret, make_token, unsubscribe_url
+
+log = logging.getLogger(__name__)
+
+METRICS_INTERVAL_SECONDS = 5.0
+
+
+def make_worker_id() -> str:
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class _Send:
+    """A claimed step that needs the provider."""
+
+    claimed: repo.Claimed
+    message_row: uuid.UUID
+    message_attempts: int
+    first_attempt_at: datetime
+    outgoing: Outgoing
+    next_delay: float | None
+    one_off: bool
+
+
+@dataclass
+class _Decision:
+    status: str
+    reason: str | None = None
+    rendered: dict[str, Any] | None = None
+
+
+class Worker:
+    def __init__(
+        self,
+        db: Database,
+        transport: Transport,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        concurrency: int = 20,
+        batch_size: int | None = None,
+        pipelines: int = 2,
+        worker_id: str | None = None,
+        registry: CollectorRegistry | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.db = db
+        self.transport = transport
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.concurrency = concurrency
+        self.batch_size = batch_size or concurrency * 5
+        self.pipelines = pipelines
+        self.id = worker_id or make_worker_id()
+        self.lease = timedelta(seconds=settings.worker_lease_seconds)
+        self.retry = retry or RetryPolicy(
+            base_seconds=settings.retry_base_seconds,
+            horizon_seconds=settings.retry_horizon_seconds,
+        )
+        self.metrics = EngineMetrics(registry) if registry is not None else None
+        self._slots = asyncio.Semaphore(concurrency)
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._secret: str | None = None
+        self._metrics_at = 0.0
+        self._fallback_domain = urlsplit(settings.public_url).hostname or "localhost"
+
+    # ---------------------------------------------------------------- lifecycle of the loop
+
+    def stop(self) -> None:
+        """Stop claiming; sends already in flight finish, unsent claims are released."""
+        self._stopping = True
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def run(self) -> None:
+        """Work until :meth:`stop`. ``pipelines`` loops overlap one batch's database work with
+        another's sends; they share the send slots and the worker id (their claims are
+        disjoint, so the lease guards still hold)."""
+        await asyncio.gather(*(self._loop() for _ in range(self.pipelines)))
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                claimed = await self.run_once()
+                if claimed == 0:
+                    await self.sweep_lifecycle()
+            except (DBAPIError, OSError) as exc:
+                log.warning("worker iteration failed, retrying after the poll interval: %s", exc)
+                claimed = 0
+            await self._refresh_metrics()
+            if claimed == 0 and not self._stopping:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._wake.wait(), timeout=self.settings.worker_poll_seconds
+                    )
+
+    async def drain(self, *, max_iterations: int = 10_000) -> int:
+        """Run iterations until nothing is due at the clock's current time (tests, drills).
+        Returns how many enrollments were claimed in total."""
+        total = 0
+        for _ in range(max_iterations):
+            claimed = await self.run_once()
+            if claimed == 0:
+                break
+            total += claimed
+        await self.sweep_lifecycle()
+        return total
+
+    # ------------------------------------------------------------------------ one iteration
+
+    async def run_once(self) -> int:
+        """One claim → send → finish cycle. Returns the number of enrollments claimed."""
+        if self._stopping:
+            return 0
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            claimed = await repo.claim_due(
+                session, now=now, worker=self.id, lease=self.lease, limit=self.batch_size
+            )
+            if not claimed:
+                return 0
+            sends, one_off = await self._prepare(session, claimed, now)
+        lease_until = now + self.lease
+        sends = await self._recheck(sends)
+        results = await asyncio.gather(*(self._send(item, lease_until) for item in sends))
+        await self._finish(results)
+        if one_off or any(item.one_off for item in sends):
+            await self.sweep_lifecycle()
+        return len(claimed)
+
+    async def sweep_lifecycle(self) -> None:
+        """Complete finished one-off sequences and stamp their steps' ``ended_at``."""
+        try:
+            async with self.db.transaction() as session:
+                await repo.finish_one_off_sequences(session, self.clock.now())
+        except DBAPIError as exc:
+            log.info("lifecycle sweep deferred to the next iteration: %s", exc)
+
+    async def _secret_key(self, session: AsyncSession) -> str:
+        if self._secret is None:
+            self._secret = await load_secret(session, self.settings.secret_key)
+        return self._secret
+
+    async def _prepare(
+        self, session: AsyncSession, claimed: list[repo.Claimed], now: datetime
+    ) -> tuple[list[_Send], bool]:
+        secret = await self._secret_key(session)
+        sequences = await repo.load_sequences(session, (c.sequence_id for c in claimed))
+        steps = await repo.load_steps(session, sequences)
+        contacts = await repo.load_contacts(session, (c.contact_id for c in claimed))
+        existing = await repo.load_messages(session, ((c.id, c.current_step) for c in claimed))
+
+        enrollment_changes: list[dict[str, Any]] = []
+        message_changes: list[dict[str, Any]] = []
+        new_rows: list[dict[str, Any]] = []
+        started: list[tuple[uuid.UUID, int]] = []
+        pending: list[tuple[repo.Claimed, uuid.UUID, int, datetime, _Decision, str]] = []
+        finished: dict[str, int] = {}
+        one_off = False
+
+        for item in claimed:
+            sequence = sequences.get(item.sequence_id)
+            contact = contacts.get(item.contact_id)
+            if sequence is not None and not sequence.is_continuous:
+                one_off = True
+            if sequence is None or sequence.status != "active" or contact is None:
+                enrollment_changes.append(_ended(item, "canceled"))
+                continue
+            by_index = {row.step_index: row for row in steps.get(item.sequence_id, [])}
+            step = by_index.get(item.current_step)
+            if step is None:
+                enrollment_changes.append(_ended(item, "completed"))
+                continue
+            next_step = by_index.get(item.current_step + 1)
+            next_delay = None if next_step is None else float(next_step.delay_in_minutes)
+            row = existing.get((item.id, item.current_step))
+            if row is not None and row.status != "sending":
+                # Settled by a worker that lost its lease before it could advance.
+                enrollment_changes.append(
+                    _ended(item, "failed")
+                    if row.status == "failed"
+                    else _advanced(item, next_delay, now)
+                )
+                continue
+            started.append((item.sequence_id, item.current_step))
+            decision = self._decide(item, sequence, step, contact, secret)
+            if row is None:
+                row_id = new_id()
+                data = step.action.get("data") or {}
+                from_email = data.get("from_email")
+                domain = domain_of(from_email) if from_email else self._fallback_domain
+                message_id = make_message_id(row_id, domain)
+                new_rows.append(
+                    {
+                        "id": row_id,
+                        "org_id": item.org_id,
+                        "enrollment_id": item.id,
+                        "sequence_id": item.sequence_id,
+                        "contact_id": item.contact_id,
+                        "step_index": item.current_step,
+                        "from_email": from_email,
+                        "to_email": contact.email,
+                        "status": decision.status,
+                        "reason": decision.reason,
+                        "message_id": message_id,
+                        "attempts": 0,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
+                attempts, first_at = 0, now
+            else:
+                row_id, message_id = row.id, row.message_id
+                attempts, first_at = row.attempts, row.created_at
+                if decision.status != "sending":
+                    change = _message_change(row_id, decision.status, decision.reason)
+                    message_changes.append(change)
+            if decision.status == "sending":
+                pending.append((item, row_id, attempts, first_at, decision, message_id))
+                continue
+            finished[decision.status] = finished.get(decision.status, 0) + 1
+            enrollment_changes.append(
+                _ended(item, "failed")
+                if decision.status == "failed"
+                else _advanced(item, next_delay, now)
+            )
+
+        await repo.insert_messages(session, new_rows)
+        if new_rows:
+            stored = await repo.load_messages(
+                session, ((r["enrollment_id"], r["step_index"]) for r in new_rows)
+            )
+            ours = {row.id for row in stored.values()}
+            lost = {r["enrollment_id"] for r in new_rows if r["id"] not in ours}
+            if lost:
+                log.warning("%d send records were written by another worker; skipping", len(lost))
+                pending = [p for p in pending if p[0].id not in lost]
+                enrollment_changes = [c for c in enrollment_changes if c["b_id"] not in lost]
+        await repo.stamp_steps_started(session, started, now)
+        await repo.update_messages(session, message_changes, now)
+        await repo.update_enrollments(session, enrollment_changes, worker=self.id, now=now)
+        self._count(finished)
+
+        sends: list[_Send] = []
+        for item, row_id, attempts, first_at, decision, message_id in pending:
+            assert decision.rendered is not None
+            rendered = decision.rendered
+            sequence = sequences[item.sequence_id]
+            by_index = {row.step_index: row for row in steps.get(item.sequence_id, [])}
+            next_step = by_index.get(item.current_step + 1)
+            message = build_message(
+                from_email=rendered["from_email"],
+                sender_name=rendered["sender_name"],
+                to_email=rendered["to_email"],
+                subject=rendered["subject"],
+                html_body=rendered["body"],
+                message_id=message_id,
+                date=now,
+                unsubscribe_url=rendered["unsubscribe_url"],
+            )
+            sends.append(
+                _Send(
+                    claimed=item,
+                    message_row=row_id,
+                    message_attempts=attempts,
+                    first_attempt_at=first_at,
+                    outgoing=Outgoing(rendered["from_email"], rendered["to_email"], message),
+                    next_delay=None if next_step is None else float(next_step.delay_in_minutes),
+                    one_off=not sequence.is_continuous,
+                )
+            )
+        return sends, one_off
+
+    def _decide(
+        self, item: repo.Claimed, sequence: Any, step: Any, contact: Any, secret: str
+    ) -> _Decision:
+        """What this step does for this contact; renders the mail when it is to be sent."""
+        action = step.action or {}
+        kind = action.get("type")
+        if kind == "make_phone_calls":
+            return _Decision("skipped", "no_call_provider")
+        if kind != "send_emails":
+            return _Decision("skipped", f"unsupported_action: {kind}")
+        if not contact.email:
+            return _Decision("skipped", "no_email")
+        data = action.get("data") or {}
+        from_email = data.get("from_email")
+        if not from_email:
+            return _Decision("failed", "template_error: no from_email")
+        url = unsubscribe_url(
+            self.settings.public_url, make_token(secret, item.org_id, item.contact_id)
+        )
+        context = {
+            "contact": {
+                "id": str(contact.id),
+                "email": contact.email,
+                "phone_number": contact.phone_number,
+                "name": contact.name,
+                "custom_data": contact.custom_data or {},
+            },
+            "sequence": {
+                "id": str(sequence.id),
+                "name": sequence.name,
+                "custom_id": sequence.custom_id,
+            },
+            "step": {"index": item.current_step},
+            "unsubscribe_url": url,
+        }
+        try:
+            subject = render(data.get("email_subject") or "", context, html=False)
+            body = render(data.get("email_body") or "", context, html=True)
+        except TemplateError as exc:
+            log.info("template error for enrollment %s: %s", item.id, exc)
+            return _Decision("failed", "template_error")
+        transactional = bool(data.get("email_is_transactional"))
+        return _Decision(
+            "sending",
+            rendered={
+                "from_email": from_email,
+                "sender_name": data.get("email_sender_name"),
+                "to_email": contact.email,
+                "subject": subject,
+                "body": body,
+                "unsubscribe_url": None if transactional else url,
+            },
+        )
+
+    async def _recheck(self, sends: list[_Send]) -> list[_Send]:
+        """Drop sends whose enrollment, sequence or contact stopped being live since the claim
+        (a cancel that committed while the batch was being prepared)."""
+        if not sends:
+            return sends
+        async with self.db.transaction() as session:
+            state = await repo.recheck(session, (s.claimed.id for s in sends), worker=self.id)
+            keep: list[_Send] = []
+            messages: list[dict[str, Any]] = []
+            enrollments: list[dict[str, Any]] = []
+            released: list[uuid.UUID] = []
+            for item in sends:
+                found = state.get(item.claimed.id)
+                if found is None or not found.mine:
+                    continue
+                if found.enrollment_active and found.sequence_active and found.contact_exists:
+                    keep.append(item)
+                    continue
+                messages.append(_message_change(item.message_row, "skipped", "canceled"))
+                if found.enrollment_active:
+                    enrollments.append(_ended(item.claimed, "canceled"))
+                else:
+                    released.append(item.claimed.id)
+            now = self.clock.now()
+            await repo.update_messages(session, messages, now)
+            await repo.update_enrollments(session, enrollments, worker=self.id, now=now)
+            await repo.release(session, released, worker=self.id)
+        return keep
+
+    async def _send(self, item: _Send, lease_until: datetime) -> tuple[_Send, SendError | None]:
+        async with self._slots:
+            if self._stopping or self.clock.now() >= lease_until:
+                return item, _NotSent("not sent: worker stopping or lease expiring")
+            try:
+                await self.transport.send(item.outgoing)
+            except SendError as exc:
+                return item, exc
+            except Exception as exc:  # a transport bug must not lose the batch's bookkeeping
+                log.exception("transport raised an unexpected error")
+                return item, TransientSendError(f"{type(exc).__name__}: {exc}")
+            return item, None
+
+    async def _finish(self, results: Iterable[tuple[_Send, SendError | None]]) -> None:
+        now = self.clock.now()
+        messages: list[dict[str, Any]] = []
+        enrollments: list[dict[str, Any]] = []
+        released: list[uuid.UUID] = []
+        finished: dict[str, int] = {}
+        retries = 0
+        for item, error in results:
+            claim = item.claimed
+            if isinstance(error, _NotSent):
+                released.append(claim.id)
+                continue
+            if error is None:
+                messages.append(_message_change(item.message_row, "sent", None, now, attempted=1))
+                enrollments.append(_advanced(claim, item.next_delay, now))
+                finished["sent"] = finished.get("sent", 0) + 1
+                continue
+            verdict = self.retry.decide(
+                error,
+                attempt=item.message_attempts + 1,
+                first_attempt_at=item.first_attempt_at,
+                now=now,
+            )
+            if isinstance(verdict, GiveUp):
+                messages.append(
+                    _message_change(item.message_row, "failed", verdict.reason, attempted=1)
+                )
+                enrollments.append(_ended(claim, "failed"))
+                finished["failed"] = finished.get("failed", 0) + 1
+                continue
+            retries += 1
+            messages.append(
+                _message_change(item.message_row, "sending", verdict.reason, attempted=1)
+            )
+            enrollments.append(
+                {
+                    **_base(claim),
+                    "b_status": "active",
+                    "b_step": claim.current_step,
+                    "b_next_at": verdict.at,
+                    "b_waiting": "retrying",
+                    "b_attempts": claim.attempts + 1,
+                }
+            )
+        async with self.db.transaction() as session:
+            await repo.update_messages(session, messages, now)
+            await repo.update_enrollments(session, enrollments, worker=self.id, now=now)
+            await repo.release(session, released, worker=self.id)
+        self._count(finished)
+        if self.metrics is not None and retries:
+            self.metrics.retries.inc(retries)
+
+    # ------------------------------------------------------------------------------ metrics
+
+    def _count(self, finished: dict[str, int]) -> None:
+        if self.metrics is not None:
+            for status, count in finished.items():
+                self.metrics.messages.labels(status=status).inc(count)
+
+    async def _refresh_metrics(self) -> None:
+        if self.metrics is None or time.monotonic() - self._metrics_at < METRICS_INTERVAL_SECONDS:
+            return
+        self._metrics_at = time.monotonic()
+        now = self.clock.now()
+        try:
+            async with self.db.sessions() as session:
+                count, oldest = await repo.due_backlog(session, now)
+        except DBAPIError:
+            return
+        self.metrics.due_backlog.set(count)
+        self.metrics.oldest_due_lag.set(0 if oldest is None else (now - oldest).total_seconds())
+
+
+class _NotSent(SendError):
+    """A claimed send never handed to the provider (stopping, or the lease ran short)."""
+
+
+def _base(item: repo.Claimed) -> dict[str, Any]:
+    return {"b_id": item.id, "b_claimed_step": item.current_step}
+
+
+def _advanced(item: repo.Claimed, next_delay: float | None, now: datetime) -> dict[str, Any]:
+    """The enrollment after its current step: on to the next step, or completed."""
+    if next_delay is None:
+        return _ended(item, "completed", step=item.current_step + 1)
+    return {
+        **_base(item),
+        "b_status": "active",
+        "b_step": item.current_step + 1,
+        "b_next_at": now + timedelta(minutes=next_delay),
+        "b_waiting": None,
+        "b_attempts": 0,
+    }
+
+
+def _ended(item: repo.Claimed, status: str, *, step: int | None = None) -> dict[str, Any]:
+    return {
+        **_base(item),
+        "b_status": status,
+        "b_step": item.current_step if step is None else step,
+        "b_next_at": None,
+        "b_waiting": None,
+        "b_attempts": item.attempts,
+    }
+
+
+def _message_change(
+    row_id: uuid.UUID,
+    status: str,
+    reason: str | None,
+    sent_at: datetime | None = None,
+    *,
+    attempted: int = 0,
+) -> dict[str, Any]:
+    return {
+        "b_id": row_id,
+        "b_status": status,
+        "b_reason": reason,
+        "b_attempted": attempted,
+        "b_sent_at": sent_at,
+    }

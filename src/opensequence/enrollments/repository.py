@@ -1,0 +1,54 @@
+"""SQL of the delivery history: keyset pages over indexed orders, never OFFSET."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence as Seq
+from datetime import datetime
+
+from sqlalchemy import or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from opensequence.models import Enrollment, Message
+
+
+async def list_enrollments(
+    session: AsyncSession,
+    sequence_id: uuid.UUID,
+    *,
+    status: str | None,
+    contact_id: uuid.UUID | None,
+    after_id: uuid.UUID | None,
+    limit: int,
+) -> Seq[Enrollment]:
+    """Oldest first by id (UUIDv7: creation order, unique), so a cursor is just the last id."""
+    query = select(Enrollment).where(Enrollment.sequence_id == sequence_id)
+    if status is not None:
+        query = query.where(Enrollment.status == status)
+    if contact_id is not None:
+        query = query.where(Enrollment.contact_id == contact_id)
+    if after_id is not None:
+        query = query.where(Enrollment.id > after_id)
+    return (await session.scalars(query.order_by(Enrollment.id).limit(limit))).all()
+
+
+async def list_messages(
+    session: AsyncSession,
+    org_id: uuid.UUID,
+    contact_id: uuid.UUID,
+    *,
+    before: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> Seq[Message]:
+    """Newest first by (created_at, id) — the ``ix_messages_contact_id_created_at`` order."""
+    query = select(Message).where(Message.org_id == org_id, Message.contact_id == contact_id)
+    if before is not None:
+        created_at, row_id = before
+        query = query.where(
+            or_(
+                Message.created_at < created_at,
+                (Message.created_at == created_at) & (Message.id < row_id),
+            )
+        )
+    query = query.order_by(Message.created_at.desc(), Message.id.desc()).limit(limit)
+    return (await session.scalars(query)).all()

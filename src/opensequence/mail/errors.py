@@ -1,0 +1,23 @@
+"""The two ways a send can fail, as the retry policy sees them.
+
+Transports translate their own exceptions into these at the boundary, so the engine never
+imports aiosmtplib or knows what a maildir is.
+"""
+
+from __future__ import annotations
+
+
+class SendError(Exception):
+    """A send that did not happen. ``reason`` is what the send record keeps."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransientSendError(SendError):
+    """Worth trying again later: SMTP 4xx, timeouts, refused or reset connections."""
+
+
+class PermanentSendError(SendError):
+    """Never worth retrying: SMTP 5xx (a bounce). ``reason`` reads ``bounced: 550 …``."""

@@ -1,0 +1,426 @@
+"""The delivery engine end to end: real database (both), real SMTP server, manual clock."""
+
+from __future__ import annotations
+
+import mailbox
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import delete, select, update
+
+from opensequence.clock import ManualClock
+from opensequence.config import Settings
+from opensequence.db import Database
+from opensequence.engine import repository as repo
+from opensequence.engine.worker import Worker
+from opensequence.mail.transports import transport_from_url
+from opensequence.models import Contact, Enrollment, Message, Sequence, SequenceStep
+from opensequence.unsubscribe import load_secret, read_token
+from tests.engine.factories import (
+    call_step,
+    email_step,
+    enroll,
+    make_contacts,
+    make_org,
+    make_sequence,
+)
+from tests.engine.sink import Sink, SinkServer
+
+
+def make_worker(db: Database, settings: Settings, clock: ManualClock, **kw: object) -> Worker:
+    transport = transport_from_url(settings.mail_url, pool_size=4)
+    return Worker(db, transport, settings, clock=clock, concurrency=4, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def smtp_settings(settings: Settings, sink: SinkServer) -> Settings:
+    return settings.model_copy(update={"mail_url": sink.url})
+
+
+@pytest.fixture
+async def worker(
+    db: Database, smtp_settings: Settings, clock: ManualClock
+) -> AsyncIterator[Worker]:
+    made = make_worker(db, smtp_settings, clock)
+    yield made
+    await made.transport.aclose()
+
+
+async def messages_of(db: Database, enrollment_id: uuid.UUID) -> list[Message]:
+    async with db.transaction() as session:
+        rows = await session.scalars(
+            select(Message)
+            .where(Message.enrollment_id == enrollment_id)
+            .order_by(Message.step_index)
+        )
+        return list(rows)
+
+
+async def enrollment(db: Database, enrollment_id: uuid.UUID) -> Enrollment:
+    async with db.transaction() as session:
+        found = await session.get(Enrollment, enrollment_id)
+        assert found is not None
+        return found
+
+
+async def test_three_steps_delivered_in_order_rendered_with_headers(
+    db: Database, worker: Worker, sink: SinkServer, clock: ManualClock, smtp_settings: Settings
+) -> None:
+    org = await make_org(db)
+    people = [
+        {"email": "ada@example.org", "name": "Ada", "custom_data": {"plan": "pro"}},
+        {"email": "bob@example.org", "name": "Bob <b>"},
+    ]
+    contacts = await make_contacts(db, org, people)
+    steps = [
+        email_step(subject="Welcome {{ contact.name }}", delay=0),
+        email_step(
+            subject="Step {{ step.index }} of {{ sequence.name }}",
+            body="<p>{{ contact.custom_data.plan | default: 'free' }}</p>",
+            delay=1,
+            transactional=True,
+        ),
+        email_step(subject="Last one, {{ contact.name }}", delay=1),
+    ]
+    sequence_id = await make_sequence(db, org, steps, name="Onboarding", started_at=clock.now())
+    enrollments = await enroll(db, org, sequence_id, contacts, now=clock.now())
+
+    assert await worker.drain() == 2
+    assert len(sink.sink.received) == 2
+    assert await worker.drain() == 0, "step 1 is not due before its delay"
+    clock.advance(seconds=59)
+    assert await worker.drain() == 0
+    clock.advance(seconds=1)
+    assert await worker.drain() == 2
+    clock.advance(minutes=1)
+    assert await worker.drain() == 2
+    assert await worker.drain() == 0
+
+    received = sink.sink.received
+    assert len(received) == 6
+    by_recipient: dict[str, list[str]] = {}
+    for message in received:
+        by_recipient.setdefault(str(message["To"]), []).append(str(message["Subject"]))
+    assert by_recipient == {
+        "ada@example.org": ["Welcome Ada", "Step 1 of Onboarding", "Last one, Ada"],
+        "bob@example.org": ["Welcome Bob <b>", "Step 1 of Onboarding", "Last one, Bob <b>"],
+    }
+
+    async with db.transaction() as session:
+        secret = await load_secret(session, smtp_settings.secret_key)
+    for enrollment_id, contact_id in zip(enrollments, contacts, strict=True):
+        rows = await messages_of(db, enrollment_id)
+        assert [(r.step_index, r.status, r.attempts) for r in rows] == [
+            (0, "sent", 1),
+            (1, "sent", 1),
+            (2, "sent", 1),
+        ]
+        sent = [m for m in received if m["Message-ID"] in {r.message_id for r in rows}]
+        assert len(sent) == 3
+        for row in rows:
+            assert row.message_id == f"<{row.id}@example.com>"
+        first = next(m for m in sent if m["Message-ID"] == rows[0].message_id)
+        assert first["From"].addresses[0].display_name == "Sales Team"
+        raw = sink.sink.raw[received.index(first)]
+        assert b'\nFrom: "Sales Team" <sales@example.com>\r\n' in b"\n" + raw
+        assert first["Date"] is not None
+        assert first["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        url = str(first["List-Unsubscribe"]).strip("<>")
+        assert url.startswith(f"{smtp_settings.public_url}/unsubscribe/")
+        assert read_token(secret, url.rsplit("/", 1)[1]) == (org, contact_id)
+        html = first.get_body(("html",))
+        text = first.get_body(("plain",))
+        assert html is not None and text is not None
+        assert url in html.get_content()
+        transactional = next(m for m in sent if m["Message-ID"] == rows[1].message_id)
+        assert transactional["List-Unsubscribe"] is None
+        state = await enrollment(db, enrollment_id)
+        assert (state.status, state.next_step_at, state.locked_by) == ("completed", None, None)
+
+    ada_body = next(m for m in received if m["To"] == "ada@example.org").get_body(("html",))
+    assert ada_body is not None and "Hi Ada, plan pro" in ada_body.get_content()
+    bob_body = next(m for m in received if m["To"] == "bob@example.org").get_body(("html",))
+    assert bob_body is not None and "Bob &lt;b&gt;" in bob_body.get_content()
+
+    async with db.transaction() as session:
+        sequence = await session.get(Sequence, sequence_id)
+        assert sequence is not None
+        assert (sequence.status, sequence.ended_at) == ("complete", clock.now())
+        stamps = (
+            await session.execute(
+                select(SequenceStep.started_at, SequenceStep.ended_at)
+                .where(SequenceStep.sequence_id == sequence_id)
+                .order_by(SequenceStep.step_index)
+            )
+        ).all()
+    start = clock.now() - timedelta(minutes=2)
+    assert [s for s, _ in stamps] == [start, start + timedelta(minutes=1), clock.now()]
+    assert all(e is not None for _, e in stamps)
+
+
+async def test_transient_failure_is_retried_with_the_same_message(
+    db: Database, settings: Settings, clock: ManualClock
+) -> None:
+    answers = {0: "451 4.3.0 try again later", 1: "451 4.3.0 still busy"}
+    with SinkServer(Sink(answers.get)) as server:
+        custom = settings.model_copy(
+            update={
+                "mail_url": server.url,
+                "retry_base_seconds": 60.0,
+                "retry_horizon_seconds": 3600.0,
+            }
+        )
+        worker = make_worker(db, custom, clock)
+        org = await make_org(db)
+        contacts = await make_contacts(db, org, [{"email": "eve@example.org", "name": "Eve"}])
+        sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+        [enrollment_id] = await enroll(db, org, sequence_id, contacts, now=clock.now())
+
+        await worker.drain()
+        state = await enrollment(db, enrollment_id)
+        [row] = await messages_of(db, enrollment_id)
+        assert (row.status, row.attempts, row.reason) == ("sending", 1, "451 4.3.0 try again later")
+        assert (state.status, state.waiting_reason, state.attempts) == ("active", "retrying", 1)
+        assert state.next_step_at is not None
+        assert timedelta(seconds=30) <= state.next_step_at - clock.now() <= timedelta(seconds=60)
+
+        clock.set(state.next_step_at)
+        await worker.drain()
+        state = await enrollment(db, enrollment_id)
+        assert (state.waiting_reason, state.attempts) == ("retrying", 2)
+        assert state.next_step_at is not None
+        assert timedelta(seconds=60) <= state.next_step_at - clock.now() <= timedelta(seconds=120)
+
+        clock.set(state.next_step_at)
+        await worker.drain()
+        await worker.transport.aclose()
+        [after] = await messages_of(db, enrollment_id)
+        assert (after.id, after.status, after.attempts) == (row.id, "sent", 3)
+        assert server.sink.attempts == 3
+        assert [m["Message-ID"] for m in server.sink.received] == [row.message_id]
+        state = await enrollment(db, enrollment_id)
+        assert (state.status, state.waiting_reason) == ("completed", None)
+
+
+async def test_transient_failures_past_the_horizon_fail(
+    db: Database, settings: Settings, clock: ManualClock
+) -> None:
+    with SinkServer(Sink(lambda _: "421 4.7.0 go away")) as server:
+        custom = settings.model_copy(
+            update={
+                "mail_url": server.url,
+                "retry_base_seconds": 60.0,
+                "retry_horizon_seconds": 300.0,
+            }
+        )
+        worker = make_worker(db, custom, clock)
+        org = await make_org(db)
+        contacts = await make_contacts(db, org, [{"email": "x@example.org"}])
+        sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+        [enrollment_id] = await enroll(db, org, sequence_id, contacts, now=clock.now())
+        for _ in range(20):
+            await worker.drain()
+            state = await enrollment(db, enrollment_id)
+            if state.status != "active":
+                break
+            assert state.next_step_at is not None
+            assert state.next_step_at <= clock.now() + timedelta(seconds=300)
+            clock.set(state.next_step_at)
+        await worker.transport.aclose()
+        [row] = await messages_of(db, enrollment_id)
+        assert state.status == "failed"
+        assert row.status == "failed" and row.reason is not None
+        assert row.reason.startswith("retries exhausted: 421")
+
+
+async def test_permanent_failure_records_the_bounce_and_never_retries(
+    db: Database, settings: Settings, clock: ManualClock
+) -> None:
+    with SinkServer(Sink(lambda _: "550 5.1.1 mailbox unavailable")) as server:
+        worker = make_worker(db, settings.model_copy(update={"mail_url": server.url}), clock)
+        org = await make_org(db)
+        contacts = await make_contacts(db, org, [{"email": "gone@example.org"}])
+        steps = [email_step(), email_step(delay=1)]
+        sequence_id = await make_sequence(db, org, steps, started_at=clock.now())
+        [enrollment_id] = await enroll(db, org, sequence_id, contacts, now=clock.now())
+        await worker.drain()
+        clock.advance(days=2)
+        assert await worker.drain() == 0
+        await worker.transport.aclose()
+        assert server.sink.attempts == 1
+    [row] = await messages_of(db, enrollment_id)
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert row.reason == "bounced: 550 5.1.1 mailbox unavailable"
+    state = await enrollment(db, enrollment_id)
+    assert (state.status, state.next_step_at, state.current_step) == ("failed", None, 0)
+
+
+async def test_cancel_and_contact_deletion_stop_further_sends(
+    db: Database, worker: Worker, sink: SinkServer, clock: ManualClock
+) -> None:
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": "a@example.org"}, {"email": "b@x.org"}])
+    steps = [email_step(), email_step(delay=1), email_step(delay=1)]
+    canceled_seq = await make_sequence(db, org, steps, started_at=clock.now())
+    continuing = await make_sequence(
+        db, org, steps, started_at=clock.now(), is_continuous=True, name="Nurture"
+    )
+    [in_canceled] = await enroll(db, org, canceled_seq, contacts[:1], now=clock.now())
+    [deleted] = await enroll(db, org, continuing, contacts[1:], now=clock.now())
+    await worker.drain()
+    assert len(sink.sink.received) == 2
+
+    async with db.transaction() as session:
+        await session.execute(
+            update(Sequence)
+            .where(Sequence.id == canceled_seq)
+            .values(status="canceled", canceled_at=clock.now())
+        )
+        await session.execute(delete(Contact).where(Contact.id == contacts[1]))
+    clock.advance(minutes=5)
+    assert await worker.drain() == 2
+    assert len(sink.sink.received) == 2
+    for enrollment_id in (in_canceled, deleted):
+        state = await enrollment(db, enrollment_id)
+        assert (state.status, state.current_step, state.next_step_at) == ("canceled", 1, None)
+        assert [r.step_index for r in await messages_of(db, enrollment_id)] == [0]
+
+
+async def test_expired_lease_lets_another_worker_take_over(
+    db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock
+) -> None:
+    """Worker A claims and records a send, then stalls inside the provider call; after its
+    lease expires worker B sends the same message (same Message-ID) and advances; when A wakes
+    up its late delivery is the one allowed duplicate and its advance is refused."""
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": "c@example.org"}])
+    steps = [email_step(), email_step(delay=10)]
+    sequence_id = await make_sequence(db, org, steps, started_at=clock.now())
+    [enrollment_id] = await enroll(db, org, sequence_id, contacts, now=clock.now())
+
+    class Stalled:
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+            self.entered = __import__("asyncio").Event()
+            self.gate = __import__("asyncio").Event()
+
+        async def send(self, outgoing: object) -> None:
+            self.entered.set()
+            await self.gate.wait()
+            await self.inner.send(outgoing)  # type: ignore[attr-defined]
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()  # type: ignore[attr-defined]
+
+    import asyncio
+
+    stalled = Stalled(transport_from_url(smtp_settings.mail_url))
+    worker_a = Worker(db, stalled, smtp_settings, clock=clock, worker_id="A")
+    worker_b = make_worker(db, smtp_settings, clock, worker_id="B")
+    task = asyncio.create_task(worker_a.run_once())
+    await stalled.entered.wait()
+    [row] = await messages_of(db, enrollment_id)
+    assert row.status == "sending"
+
+    assert await worker_b.drain() == 0, "A's lease still holds"
+    clock.advance(seconds=smtp_settings.worker_lease_seconds + 1)
+    assert await worker_b.drain() == 1
+    state = await enrollment(db, enrollment_id)
+    assert (state.current_step, state.locked_by) == (1, None)
+
+    stalled.gate.set()
+    assert await task == 1
+    await stalled.aclose()
+    await worker_b.transport.aclose()
+    state = await enrollment(db, enrollment_id)
+    assert state.current_step == 1, "A's stale advance must not move the enrollment again"
+    [after] = await messages_of(db, enrollment_id)
+    assert (after.id, after.status) == (row.id, "sent")
+    assert [m["Message-ID"] for m in sink.sink.received] == [row.message_id, row.message_id]
+
+
+async def test_skips_and_template_errors(
+    db: Database, worker: Worker, sink: SinkServer, clock: ManualClock
+) -> None:
+    org = await make_org(db)
+    no_email, looping = await make_contacts(
+        db, org, [{"phone_number": "+14155550100", "name": "No Mail"}, {"email": "l@x.org"}]
+    )
+    calls = await make_sequence(db, org, [call_step(), email_step()], started_at=clock.now())
+    [skipped] = await enroll(db, org, calls, [no_email], now=clock.now())
+    broken = await make_sequence(
+        db,
+        org,
+        [email_step(body="{% for i in (1..100000000) %}x{% endfor %}")],
+        started_at=clock.now(),
+    )
+    [failed] = await enroll(db, org, broken, [looping], now=clock.now())
+    await worker.drain()
+    assert sink.sink.received == []
+    rows = await messages_of(db, skipped)
+    assert [(r.step_index, r.status, r.reason) for r in rows] == [
+        (0, "skipped", "no_call_provider"),
+        (1, "skipped", "no_email"),
+    ]
+    assert (await enrollment(db, skipped)).status == "completed"
+    [row] = await messages_of(db, failed)
+    assert (row.status, row.reason) == ("failed", "template_error")
+    assert (await enrollment(db, failed)).status == "failed"
+
+
+async def test_maildir_delivery_writes_a_readable_message(
+    db: Database, settings: Settings, clock: ManualClock, tmp_path: Path
+) -> None:
+    outbox = tmp_path / "outbox"
+    custom = settings.model_copy(update={"mail_url": f"maildir://{outbox}"})
+    worker = make_worker(db, custom, clock)
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": "m@example.org", "name": "Mia"}])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    [enrollment_id] = await enroll(db, org, sequence_id, contacts, now=clock.now())
+    await worker.drain()
+    files = list((outbox / "new").iterdir())
+    assert len(files) == 1
+    raw = files[0].read_bytes()
+    assert b"Subject: Hello Mia" in raw
+    [message] = list(mailbox.Maildir(outbox, create=False))
+    [row] = await messages_of(db, enrollment_id)
+    assert message["Message-ID"] == row.message_id and row.status == "sent"
+
+
+async def test_claims_are_disjoint_and_leases_guard_advances(
+    db: Database, smtp_settings: Settings, clock: ManualClock
+) -> None:
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(6)])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    lease = timedelta(minutes=5)
+    async with db.transaction() as session:
+        first = await repo.claim_due(session, now=clock.now(), worker="A", lease=lease, limit=4)
+    async with db.transaction() as session:
+        second = await repo.claim_due(session, now=clock.now(), worker="B", lease=lease, limit=4)
+    assert len(first) == 4 and len(second) == 2
+    assert not {c.id for c in first} & {c.id for c in second}
+    async with db.transaction() as session:
+        await repo.update_enrollments(
+            session,
+            [
+                {
+                    "b_id": first[0].id,
+                    "b_claimed_step": 0,
+                    "b_status": "completed",
+                    "b_step": 1,
+                    "b_next_at": None,
+                    "b_waiting": None,
+                    "b_attempts": 0,
+                }
+            ],
+            worker="B",
+            now=clock.now(),
+        )
+    state = await enrollment(db, first[0].id)
+    assert (state.status, state.locked_by) == ("active", "A")
