@@ -3,6 +3,7 @@ schema, start/cancel semantics, tenancy, and every 400/409 path writing nothing.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import uuid
@@ -669,3 +670,31 @@ async def test_bad_patch_is_400_and_changes_nothing(
     before = await get(tenant, sequence_id)
     assert_error(await tenant.client.patch(f"/sequences/{sequence_id}", json=body), 400, message)
     assert await get(tenant, sequence_id) == before
+
+
+# --- concurrency ----------------------------------------------------------------------------
+
+
+async def test_concurrent_starts_make_one_run(tenant: Tenant, db: Database) -> None:
+    await add_contacts(db, tenant.org_id, [(f"u{i}@x.io", EXAMPLE_INSTANT) for i in range(50)])
+    sequence_id = await create(tenant, {"is_continuous": False, "steps": [step()]})
+    responses = await asyncio.gather(
+        *(tenant.client.put(f"/sequences/{sequence_id}/start") for _ in range(4))
+    )
+    assert sorted(r.status_code for r in responses) == [200, 409, 409, 409]
+    assert await count(db, Run) == 1
+    assert len(await enrollments(db, sequence_id)) == 50
+
+
+async def test_concurrent_creates_with_one_custom_id(tenant: Tenant, db: Database) -> None:
+    responses = await asyncio.gather(
+        *(
+            tenant.client.post("/sequences", json={"custom_id": "race", "steps": [step()]})
+            for _ in range(4)
+        )
+    )
+    assert sorted(r.status_code for r in responses) == [201, 409, 409, 409]
+    for response in responses:
+        if response.status_code == 409:
+            assert_error(response, 409, "race")
+    assert await count(db, Sequence) == 1
