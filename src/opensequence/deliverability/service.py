@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -44,6 +45,17 @@ async def suppress(
         return False
     await repo.upsert_suppression(session, org_id, email, normalized, reason, now)
     return existing is None
+
+
+async def suppress_bounces(
+    session: AsyncSession, bounces: Iterable[tuple[uuid.UUID, str]], now: datetime
+) -> None:
+    """Record hard bounces ``(org_id, email)``: each address is suppressed ``bounced`` in its
+    own organization only, whatever it was before (bounced outranks every other reason)."""
+    rows = {(org_id, normalise_email(email)): email for org_id, email in bounces}
+    await repo.upsert_bounced(
+        session, [(org_id, email, normalized) for (org_id, normalized), email in rows.items()], now
+    )
 
 
 async def unsuppress(session: AsyncSession, org_id: uuid.UUID, email: str) -> None:
