@@ -9,6 +9,7 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from opensequence.contacts.lookup import get_contact
 from opensequence.deliverability import repository as repo
 from opensequence.errors import Invalid, NotFound
 from opensequence.models import SenderLimit, Suppression
@@ -56,6 +57,18 @@ async def suppress_bounces(
     await repo.upsert_bounced(
         session, [(org_id, email, normalized) for (org_id, normalized), email in rows.items()], now
     )
+
+
+async def unsubscribe_contact(
+    session: AsyncSession, org_id: uuid.UUID, contact_ref: str, now: datetime
+) -> Suppression | None:
+    """Suppress the contact's address as ``unsubscribed`` (a stronger existing reason stays).
+    NotFound for another organization's or an unknown contact; None when it has no email."""
+    contact = await get_contact(session, org_id, contact_ref)
+    if not contact.email:
+        return None
+    await suppress(session, org_id, contact.email, "unsubscribed", now)
+    return await repo.get_suppression(session, org_id, normalise_email(contact.email))
 
 
 async def unsuppress(session: AsyncSession, org_id: uuid.UUID, email: str) -> None:
