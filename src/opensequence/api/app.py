@@ -103,6 +103,7 @@ def _domain_routers() -> list[Any]:
     from opensequence.auth.router import router as auth_router
     from opensequence.contacts.router import router as contacts_router
     from opensequence.deliverability.router import router as deliverability_router
+    from opensequence.deliverability.unsubscribe_router import router as unsubscribe_router
     from opensequence.enrollments.router import router as enrollments_router
     from opensequence.runs.router import router as runs_router
     from opensequence.sequences.router import router as sequences_router
@@ -114,4 +115,5 @@ def _domain_routers() -> list[Any]:
         runs_router,
         enrollments_router,
         deliverability_router,
+        unsubscribe_router,
     ]

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.dialect import insert_for
@@ -69,6 +69,48 @@ async def suppression_reasons(
         )
     )
     return {email: reason for email, reason in rows}
+
+
+async def suppression_reasons_for(
+    session: AsyncSession, pairs: Sequence[tuple[uuid.UUID, str]]
+) -> dict[tuple[uuid.UUID, str], str]:
+    """``(org_id, normalized email) → reason`` for the suppressed ones among ``pairs`` (which may
+    span organizations: a worker's claimed batch), in one statement."""
+    wanted = sorted(set(pairs), key=str)
+    if not wanted:
+        return {}
+    rows = await session.execute(
+        select(Suppression.org_id, Suppression.email_normalized, Suppression.reason).where(
+            tuple_(Suppression.org_id, Suppression.email_normalized).in_(wanted)
+        )
+    )
+    return {(org_id, email): reason for org_id, email, reason in rows}
+
+
+async def upsert_bounced(
+    session: AsyncSession, rows: Sequence[tuple[uuid.UUID, str, str]], now: datetime
+) -> None:
+    """Suppress ``(org_id, email, normalized)`` as ``bounced`` in one statement. ``bounced`` is
+    the strongest reason, so an existing entry simply takes it (keeping its ``created_at``)."""
+    if not rows:
+        return
+    statement = insert_for(session, Suppression).values(
+        [
+            {
+                "org_id": org_id,
+                "email_normalized": normalized,
+                "email": email,
+                "reason": "bounced",
+                "created_at": now,
+            }
+            for org_id, email, normalized in rows
+        ]
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["org_id", "email_normalized"], set_={"reason": "bounced"}
+        )
+    )
 
 
 async def upsert_sender_limit(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from opensequence.contacts.lookup import get_contact
 from opensequence.deliverability import repository as repo
 from opensequence.errors import Invalid, NotFound
 from opensequence.models import SenderLimit, Suppression
@@ -44,6 +46,29 @@ async def suppress(
         return False
     await repo.upsert_suppression(session, org_id, email, normalized, reason, now)
     return existing is None
+
+
+async def suppress_bounces(
+    session: AsyncSession, bounces: Iterable[tuple[uuid.UUID, str]], now: datetime
+) -> None:
+    """Record hard bounces ``(org_id, email)``: each address is suppressed ``bounced`` in its
+    own organization only, whatever it was before (bounced outranks every other reason)."""
+    rows = {(org_id, normalise_email(email)): email for org_id, email in bounces}
+    await repo.upsert_bounced(
+        session, [(org_id, email, normalized) for (org_id, normalized), email in rows.items()], now
+    )
+
+
+async def unsubscribe_contact(
+    session: AsyncSession, org_id: uuid.UUID, contact_ref: str, now: datetime
+) -> Suppression | None:
+    """Suppress the contact's address as ``unsubscribed`` (a stronger existing reason stays).
+    NotFound for another organization's or an unknown contact; None when it has no email."""
+    contact = await get_contact(session, org_id, contact_ref)
+    if not contact.email:
+        return None
+    await suppress(session, org_id, contact.email, "unsubscribed", now)
+    return await repo.get_suppression(session, org_id, normalise_email(contact.email))
 
 
 async def unsuppress(session: AsyncSession, org_id: uuid.UUID, email: str) -> None:

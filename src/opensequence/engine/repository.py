@@ -87,7 +87,7 @@ async def claim_due(
 async def load_sequences(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
     s = SEQUENCES.c
     rows = await session.execute(
-        select(s.id, s.org_id, s.name, s.custom_id, s.status, s.is_continuous).where(
+        select(s.id, s.org_id, s.name, s.custom_id, s.status, s.is_continuous, s.send_window).where(
             s.id.in_(set(ids))
         )
     )

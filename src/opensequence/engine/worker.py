@@ -42,10 +42,19 @@ from opensequence.clock import Clock, SystemClock
 from opensequence.config import Settings
 from opensequence.db import Database
 from opensequence.db.types import new_id
+from opensequence.deliverability import repository as deliverability_repo
+from opensequence.deliverability.service import (
+    blocking_reason,
+    normalise_email,
+    suppress_bounces,
+)
 from opensequence.engine import repository as repo
+from opensequence.engine import throttle
 from opensequence.engine.metrics import EngineMetrics
 from opensequence.engine.retry import GiveUp, RetryPolicy
-from opensequence.mail.errors import SendError, TransientSendError
+from opensequence.engine.window import next_opening, zone_for
+from opensequence.mail.dkim import signing_transport
+from opensequence.mail.errors import PermanentSendError, SendError, TransientSendError
 from opensequence.mail.message import (
     Outgoing,
     build_message,
@@ -102,7 +111,7 @@ class Worker:
         retry: RetryPolicy | None = None,
     ) -> None:
         self.db = db
-        self.transport = transport
+        self.transport = signing_transport(transport, settings)
         self.settings = settings
         self.clock = clock or SystemClock()
         self.concurrency = concurrency
@@ -236,11 +245,19 @@ class Worker:
         steps = await repo.load_steps(session, sequences)
         contacts = await repo.load_contacts(session, (c.contact_id for c in claimed))
         existing = await repo.load_messages(session, ((c.id, c.current_step) for c in claimed))
+        suppressed = await deliverability_repo.suppression_reasons_for(
+            session,
+            [
+                (contact.org_id, normalise_email(contact.email))
+                for contact in contacts.values()
+                if contact.email
+            ],
+        )
 
         enrollment_changes: list[dict[str, Any]] = []
         message_changes: list[dict[str, Any]] = []
         new_rows: list[dict[str, Any]] = []
-        started: list[tuple[uuid.UUID, int]] = []
+        started: list[tuple[uuid.UUID, uuid.UUID, int]] = []
         pending: list[tuple[repo.Claimed, uuid.UUID, int, datetime, _Decision, str]] = []
         finished: dict[str, int] = {}
         one_off = False
@@ -269,8 +286,18 @@ class Worker:
                     else _advanced(item, next_delay, now)
                 )
                 continue
-            started.append((item.sequence_id, item.current_step))
-            decision = self._decide(item, sequence, step, contact, secret)
+            suppression = (
+                suppressed.get((contact.org_id, normalise_email(contact.email)))
+                if contact.email
+                else None
+            )
+            decision = self._decide(item, sequence, step, contact, secret, suppression)
+            if decision.status == "sending" and sequence.send_window:
+                opens = _window_opens(sequence.send_window, contact.custom_data, now)
+                if opens is not None:
+                    enrollment_changes.append(_waiting(item, opens, "outside_window"))
+                    continue
+            started.append((item.id, item.sequence_id, item.current_step))
             if row is None:
                 row_id = new_id()
                 data = step.action.get("data") or {}
@@ -312,6 +339,23 @@ class Worker:
                 else _advanced(item, next_delay, now)
             )
 
+        waits = await throttle.admit(
+            session,
+            [
+                throttle.Request(p[0].id, p[0].org_id, p[4].rendered["from_email"])
+                for p in pending
+                if p[4].rendered is not None
+            ],
+            now,
+        )
+        if waits:
+            enrollment_changes.extend(
+                _waiting(p[0], waits[p[0].id], "throttled") for p in pending if p[0].id in waits
+            )
+            pending = [p for p in pending if p[0].id not in waits]
+            new_rows = [r for r in new_rows if r["enrollment_id"] not in waits]
+        inserted = {r["id"] for r in new_rows}
+        await throttle.reserve(session, (p[1] for p in pending if p[1] not in inserted), now)
         await repo.insert_messages(session, new_rows)
         if new_rows:
             stored = await repo.load_messages(
@@ -323,7 +367,9 @@ class Worker:
                 log.warning("%d send records were written by another worker; skipping", len(lost))
                 pending = [p for p in pending if p[0].id not in lost]
                 enrollment_changes = [c for c in enrollment_changes if c["b_id"] not in lost]
-        await repo.stamp_steps_started(session, started, now)
+        await repo.stamp_steps_started(
+            session, ((seq, step) for eid, seq, step in started if eid not in waits), now
+        )
         await repo.update_messages(session, message_changes, now)
         await repo.update_enrollments(session, enrollment_changes, worker=self.id, now=now)
         self._count(finished)
@@ -361,9 +407,17 @@ class Worker:
         return sends, one_off
 
     def _decide(
-        self, item: repo.Claimed, sequence: Any, step: Any, contact: Any, secret: str
+        self,
+        item: repo.Claimed,
+        sequence: Any,
+        step: Any,
+        contact: Any,
+        secret: str,
+        suppression: str | None = None,
     ) -> _Decision:
-        """What this step does for this contact; renders the mail when it is to be sent."""
+        """What this step does for this contact; renders the mail when it is to be sent.
+        ``suppression`` is the reason the contact's address is on its organization's
+        suppression list, if it is."""
         action = step.action or {}
         kind = action.get("type")
         if kind == "make_phone_calls":
@@ -376,6 +430,10 @@ class Worker:
         from_email = data.get("from_email")
         if not from_email:
             return _Decision("failed", "template_error: no from_email")
+        transactional = bool(data.get("email_is_transactional"))
+        blocked = blocking_reason(suppression, transactional=transactional)
+        if blocked is not None:
+            return _Decision("skipped", blocked)
         url = unsubscribe_url(
             self.settings.public_url, make_token(secret, item.org_id, item.contact_id)
         )
@@ -401,7 +459,6 @@ class Worker:
         except TemplateError as exc:
             log.info("template error for enrollment %s: %s", item.id, exc)
             return _Decision("failed", "template_error")
-        transactional = bool(data.get("email_is_transactional"))
         return _Decision(
             "sending",
             rendered={
@@ -487,6 +544,7 @@ class Worker:
         enrollments: list[dict[str, Any]] = []
         released: list[uuid.UUID] = []
         finished: dict[str, int] = {}
+        bounces: list[tuple[uuid.UUID, str]] = []
         retries = 0
         for item, error in results:
             claim = item.claimed
@@ -505,6 +563,8 @@ class Worker:
                 now=now,
             )
             if isinstance(verdict, GiveUp):
+                if isinstance(error, PermanentSendError) and error.bounce:
+                    bounces.append((claim.org_id, item.outgoing.recipient))
                 messages.append(
                     _message_change(item.message_row, "failed", verdict.reason, attempted=1)
                 )
@@ -529,6 +589,7 @@ class Worker:
             await repo.update_messages(session, messages, now)
             await repo.update_enrollments(session, enrollments, worker=self.id, now=now)
             await repo.release(session, released, worker=self.id)
+            await suppress_bounces(session, bounces, now)
         self._count(finished)
         if self.metrics is not None and retries:
             self.metrics.retries.inc(retries)
@@ -579,6 +640,27 @@ def _advanced(item: repo.Claimed, next_delay: float | None, now: datetime) -> di
         "b_waiting": None,
         "b_attempts": 0,
     }
+
+
+def _waiting(item: repo.Claimed, until: datetime, reason: str) -> dict[str, Any]:
+    """The enrollment stays on its step, due again at ``until`` (throttled, outside_window)."""
+    return {
+        **_base(item),
+        "b_status": "active",
+        "b_step": item.current_step,
+        "b_next_at": until,
+        "b_waiting": reason,
+        "b_attempts": item.attempts,
+    }
+
+
+def _window_opens(window: dict[str, Any], custom_data: Any, now: datetime) -> datetime | None:
+    """None when the sequence's send window is open now, else when it next opens (a window
+    that never opens is looked at again in a day)."""
+    opens = next_opening(window, zone_for(window, custom_data), now)
+    if opens is None:
+        return now + timedelta(days=1)
+    return None if opens <= now else opens
 
 
 def _ended(item: repo.Claimed, status: str, *, step: int | None = None) -> dict[str, Any]:

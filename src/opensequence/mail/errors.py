@@ -20,4 +20,11 @@ class TransientSendError(SendError):
 
 
 class PermanentSendError(SendError):
-    """Never worth retrying: SMTP 5xx (a bounce). ``reason`` reads ``bounced: 550 …``."""
+    """Never worth retrying: SMTP 5xx. ``bounce`` is True when the server refused the recipient
+    or the message (RCPT/DATA, ``reason`` reads ``bounced: 550 …``): the address is then
+    suppressed. A 5xx at any other stage (sender refused, authentication) says nothing about
+    the recipient and must not suppress it."""
+
+    def __init__(self, reason: str, *, bounce: bool = True) -> None:
+        super().__init__(reason)
+        self.bounce = bounce

@@ -25,7 +25,9 @@ def classify(exc: BaseException) -> SendError:
         text = " ".join(str(exc.message).split())
         reason = f"{exc.code} {text}".strip()
         if 500 <= exc.code < 600:
-            return PermanentSendError(f"bounced: {reason}")
+            if isinstance(exc, aiosmtplib.SMTPRecipientRefused | aiosmtplib.SMTPDataError):
+                return PermanentSendError(f"bounced: {reason}")
+            return PermanentSendError(f"rejected: {reason}", bounce=False)
         return TransientSendError(reason)
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
         return TransientSendError(f"timeout: {exc}")

@@ -1,0 +1,201 @@
+"""Per-sender throttles (SPEC §5): never more than N sends of one sender in any window of a
+second, a minute or a day, counted across every worker.
+
+A send's time is its ``sent_at`` once sent, and while it is ``sending`` (reserved, in flight,
+or waiting for a retry) the ``updated_at`` of its record, which the claim transaction sets when
+it reserves the send. Counting ``sending`` rows is what lets concurrent workers see each other:
+a reservation is visible the moment the claim transaction commits, before the provider call.
+
+Atomicity (the hazard is two workers both counting 9 of 10 and both sending): on PostgreSQL the
+claim transaction takes ``pg_advisory_xact_lock`` on every limited (organization, sender) it is
+about to send from, in a fixed order (no deadlocks between workers locking overlapping sets),
+and holds it while it counts and inserts its ``sending`` rows, until COMMIT. A second worker
+blocks on the lock and, under READ COMMITTED, counts with a fresh snapshot that includes the
+first worker's rows. SQLite runs every transaction ``BEGIN IMMEDIATE``: one writer at a time,
+so the same count-then-insert is already serialised.
+
+A limit applies to an email address (``from_email`` lower-cased) or to a whole domain; when
+both exist, both apply. Sends that would exceed a limit are not reserved: the caller defers
+them to the instant the fullest window frees a slot (they contend again then).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Table, case, func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from opensequence.models import Message, SenderLimit
+
+MESSAGES = cast(Table, Message.__table__)
+LIMITS = cast(Table, SenderLimit.__table__)
+
+WINDOWS: tuple[tuple[str, timedelta], ...] = (
+    ("per_second", timedelta(seconds=1)),
+    ("per_minute", timedelta(minutes=1)),
+    ("per_day", timedelta(days=1)),
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One send that wants a slot; ``token`` is the caller's handle for it."""
+
+    token: Any
+    org_id: uuid.UUID
+    from_email: str
+
+
+def sender_keys(from_email: str) -> tuple[str, str]:
+    address = from_email.strip().lower()
+    return address, address.rpartition("@")[2]
+
+
+def _lock_id(org_id: uuid.UUID, sender: str) -> int:
+    digest = hashlib.blake2b(f"{org_id}:{sender}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _sent_time() -> Any:
+    m = MESSAGES.c
+    return case((m.status == "sent", m.sent_at), else_=m.updated_at)
+
+
+def _from_sender(sender: str) -> Any:
+    m = MESSAGES.c
+    if "@" in sender:
+        return func.lower(m.from_email) == sender
+    return func.lower(m.from_email).like(f"%@{sender}")
+
+
+async def admit(
+    session: AsyncSession, requests: Sequence[Request], now: datetime
+) -> dict[Any, datetime]:
+    """Reserve slots for the ``requests`` that fit, in order. Returns ``token → instant`` for
+    those that must wait; the others are admitted and the caller must write their ``sending``
+    rows (or :func:`reserve` reused ones) in this same transaction."""
+    if not requests:
+        return {}
+    rows = await session.execute(
+        select(LIMITS).where(LIMITS.c.org_id.in_({r.org_id for r in requests}))
+    )
+    limits = {(row.org_id, row.sender): row for row in rows}
+    if not limits:
+        return {}
+    wanted: dict[Any, list[tuple[uuid.UUID, str]]] = {}
+    for request in requests:
+        keys = [(request.org_id, k) for k in sender_keys(request.from_email)]
+        wanted[request.token] = [key for key in keys if key in limits]
+    limited = sorted({key for keys in wanted.values() for key in keys}, key=str)
+    if not limited:
+        return {}
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        for org_id, sender in limited:
+            await session.execute(
+                text("SELECT pg_advisory_xact_lock(:id)"), {"id": _lock_id(org_id, sender)}
+            )
+
+    # (org, sender, window) → [cap, counted in the database, reserved now]
+    state: dict[tuple[uuid.UUID, str, str], list[int]] = {}
+    for org_id, sender in limited:
+        row = limits[(org_id, sender)]
+        counts = await _usage(session, org_id, sender, row, now)
+        for name, _ in WINDOWS:
+            cap = getattr(row, name)
+            if cap is not None:
+                state[(org_id, sender, name)] = [cap, counts[name], 0]
+
+    waiting: dict[Any, list[tuple[uuid.UUID, str, str]]] = {}
+    for request in requests:
+        windows = [
+            (org_id, sender, name)
+            for org_id, sender in wanted[request.token]
+            for name, _ in WINDOWS
+            if (org_id, sender, name) in state
+        ]
+        full = [w for w in windows if state[w][1] + state[w][2] >= state[w][0]]
+        if full:
+            waiting[request.token] = full
+            continue
+        for w in windows:
+            state[w][2] += 1
+
+    frees: dict[tuple[uuid.UUID, str, str], datetime] = {}
+    for window in {w for full in waiting.values() for w in full}:
+        frees[window] = await _frees_at(session, window, state[window], now)
+    return {token: max(frees[w] for w in full) for token, full in waiting.items()}
+
+
+async def _usage(
+    session: AsyncSession, org_id: uuid.UUID, sender: str, row: Any, now: datetime
+) -> dict[str, int]:
+    """Sends of ``sender`` inside each window ending now, in one statement."""
+    m = MESSAGES.c
+    at = _sent_time()
+    spans = [(name, span) for name, span in WINDOWS if getattr(row, name) is not None]
+    widest = max(span for _, span in spans)
+    columns = [
+        func.coalesce(func.sum(case((at > now - span, 1), else_=0)), 0).label(name)
+        for name, span in spans
+    ]
+    result = (
+        await session.execute(
+            select(*columns).where(
+                m.org_id == org_id,
+                m.status.in_(("sending", "sent")),
+                m.updated_at > now - widest,
+                _from_sender(sender),
+                at > now - widest,
+            )
+        )
+    ).one()
+    counts = {name: 0 for name, _ in WINDOWS}
+    counts.update({name: int(getattr(result, name)) for name, _ in spans})
+    return counts
+
+
+async def _frees_at(
+    session: AsyncSession,
+    window: tuple[uuid.UUID, str, str],
+    usage: list[int],
+    now: datetime,
+) -> datetime:
+    """When a full window next has room: the send that must age out first, plus the span.
+    The ``reserved`` sends of this batch are the newest (at ``now``)."""
+    org_id, sender, name = window
+    span = dict(WINDOWS)[name]
+    cap, counted, reserved = usage
+    position = counted + reserved - cap
+    if position >= counted:
+        return now + span
+    m = MESSAGES.c
+    at = _sent_time()
+    oldest = await session.scalar(
+        select(at)
+        .where(
+            m.org_id == org_id,
+            m.status.in_(("sending", "sent")),
+            m.updated_at > now - span,
+            _from_sender(sender),
+            at > now - span,
+        )
+        .order_by(at)
+        .offset(max(position, 0))
+        .limit(1)
+    )
+    return now + span if oldest is None else oldest + span
+
+
+async def reserve(session: AsyncSession, message_ids: Iterable[uuid.UUID], now: datetime) -> None:
+    """Stamp reused ``sending`` records (a retry, a resend after a crash) with the time of this
+    attempt, so other workers count it in their windows."""
+    wanted = list(message_ids)
+    if wanted:
+        m = MESSAGES.c
+        await session.execute(update(MESSAGES).where(m.id.in_(wanted)).values(updated_at=now))

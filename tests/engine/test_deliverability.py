@@ -1,0 +1,480 @@
+"""Deliverability end to end (SPEC §3.2, §5, §6): one-click unsubscribe from a delivered
+message, hard bounces, per-sender throttles across workers, send windows across a DST change,
+DKIM. Real database (both), real HTTP stack in-process, real SMTP server, manual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import dkim
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi import FastAPI
+from sqlalchemy import select, update
+
+from opensequence.clock import ManualClock
+from opensequence.config import Settings
+from opensequence.db import Database
+from opensequence.engine.worker import Worker
+from opensequence.mail.transports import transport_from_url
+from opensequence.models import Message, Sequence
+from tests.engine.factories import email_step, enroll, make_contacts, make_sequence
+from tests.engine.sink import Sink, SinkServer
+from tests.helpers import Tenant, http_client
+
+
+def make_worker(db: Database, settings: Settings, clock: ManualClock, **kw: Any) -> Worker:
+    transport = transport_from_url(settings.mail_url, pool_size=4)
+    return Worker(db, transport, settings, clock=clock, concurrency=4, **kw)
+
+
+@pytest.fixture
+async def smtp_settings(settings: Settings, sink: SinkServer) -> Settings:
+    return settings.model_copy(update={"mail_url": sink.url})
+
+
+@pytest.fixture
+async def worker(
+    db: Database, smtp_settings: Settings, clock: ManualClock
+) -> AsyncIterator[Worker]:
+    made = make_worker(db, smtp_settings, clock)
+    yield made
+    await made.transport.aclose()
+
+
+@pytest.fixture
+async def anonymous_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with http_client(app) as client:
+        yield client
+
+
+async def messages_for(db: Database, **where: Any) -> list[Message]:
+    async with db.transaction() as session:
+        query = select(Message).order_by(Message.created_at, Message.step_index)
+        for column, value in where.items():
+            query = query.where(getattr(Message, column) == value)
+        return list(await session.scalars(query))
+
+
+async def suppressions(client: httpx.AsyncClient) -> dict[str, str]:
+    body = (await client.get("/suppressions")).json()
+    return {item["email"]: item["reason"] for item in body["items"]}
+
+
+# ------------------------------------------------------------------------------ unsubscribe
+
+
+async def test_one_click_unsubscribe_from_a_delivered_message(
+    db: Database,
+    worker: Worker,
+    sink: SinkServer,
+    clock: ManualClock,
+    tenant: Tenant,
+    anonymous_client: httpx.AsyncClient,
+) -> None:
+    org = tenant.org_id
+    [contact] = await make_contacts(db, org, [{"email": "Reader@Example.org", "name": "Ria"}])
+    steps = [
+        email_step(subject="News 1"),
+        email_step(subject="News 2", delay=1),
+        email_step(subject="Your receipt", delay=1, transactional=True),
+    ]
+    sequence_id = await make_sequence(db, org, steps, started_at=clock.now())
+    [enrollment_id] = await enroll(db, org, sequence_id, [contact], now=clock.now())
+
+    assert await worker.drain() == 1
+    [first] = sink.sink.received
+    assert first["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    url = str(first["List-Unsubscribe"]).strip("<>")
+    path = urlsplit(url).path
+    assert path.startswith("/unsubscribe/")
+
+    page = await anonymous_client.get(path)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<form method="post"' in page.text and "<button" in page.text
+    assert await suppressions(tenant.client) == {}, "GET (a link scanner) changes nothing"
+
+    # What a mail provider sends (RFC 8058): a form POST, no credentials, no cookies.
+    clicked = await anonymous_client.post(path, data={"List-Unsubscribe": "One-Click"})
+    assert clicked.status_code == 200, clicked.text
+    assert clicked.json() == {"unsubscribed": True}
+    assert await suppressions(tenant.client) == {"Reader@Example.org": "unsubscribed"}
+    again = await anonymous_client.post(
+        path, data={"List-Unsubscribe": "One-Click"}, headers={"Accept": "text/html"}
+    )
+    assert again.status_code == 200 and "unsubscribed" in again.text.lower()
+    assert await suppressions(tenant.client) == {"Reader@Example.org": "unsubscribed"}
+
+    clock.advance(minutes=1)
+    assert await worker.drain() == 1
+    assert len(sink.sink.received) == 1, "the marketing step is not sent"
+    clock.advance(minutes=1)
+    assert await worker.drain() == 1
+    assert [str(m["Subject"]) for m in sink.sink.received] == ["News 1", "Your receipt"]
+    assert sink.sink.received[1]["List-Unsubscribe"] is None
+
+    rows = await messages_for(db, enrollment_id=enrollment_id)
+    assert [(r.step_index, r.status, r.reason) for r in rows] == [
+        (0, "sent", None),
+        (1, "skipped", "unsubscribed"),
+        (2, "sent", None),
+    ]
+
+
+# ------------------------------------------------------------------------------ bounces
+
+
+class RcptSink(Sink):
+    """Refuses ``gone@…`` at RCPT TO, as a receiving server does for an unknown mailbox."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = 0
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address.startswith("gone@"):
+            self.refused += 1
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+async def test_hard_bounce_suppresses_in_every_sequence_of_that_organization_only(
+    db: Database,
+    settings: Settings,
+    clock: ManualClock,
+    tenant: Tenant,
+    other_tenant: Tenant,
+) -> None:
+    with SinkServer(RcptSink()) as server:
+        worker = make_worker(db, settings.model_copy(update={"mail_url": server.url}), clock)
+        org, other = tenant.org_id, other_tenant.org_id
+        [gone, fine] = await make_contacts(
+            db, org, [{"email": "gone@example.org"}, {"email": "fine@example.org"}]
+        )
+        [gone_elsewhere] = await make_contacts(db, other, [{"email": "gone@example.org"}])
+        first = await make_sequence(db, org, [email_step()], started_at=clock.now())
+        receipts = await make_sequence(
+            db, org, [email_step(transactional=True)], started_at=clock.now()
+        )
+        theirs = await make_sequence(db, other, [email_step()], started_at=clock.now())
+        [bounced, _] = await enroll(db, org, first, [gone, fine], now=clock.now())
+        [later] = await enroll(db, org, receipts, [gone], now=clock.now(), first_delay_minutes=5)
+        [unrelated] = await enroll(
+            db, other, theirs, [gone_elsewhere], now=clock.now(), first_delay_minutes=5
+        )
+
+        assert await worker.drain() == 2
+        assert server.sink.refused == 1
+        [row] = await messages_for(db, enrollment_id=bounced)
+        assert (row.status, row.reason) == ("failed", "bounced: 550 5.1.1 no such user")
+        assert await suppressions(tenant.client) == {"gone@example.org": "bounced"}
+        assert await suppressions(other_tenant.client) == {}
+
+        clock.advance(minutes=5)
+        assert await worker.drain() == 2
+        await worker.transport.aclose()
+        assert server.sink.refused == 2, "the other organization still mails the address"
+
+    [skipped] = await messages_for(db, enrollment_id=later)
+    assert (skipped.status, skipped.reason) == ("skipped", "bounced"), "transactional too"
+    [tried] = await messages_for(db, enrollment_id=unrelated)
+    assert tried.status == "failed"
+    assert await suppressions(other_tenant.client) == {"gone@example.org": "bounced"}
+    listing = await tenant.client.get(f"/sequences/{first}/enrollments")
+    assert {(e["contact_id"], e["status"]) for e in listing.json()["items"]} == {
+        (str(gone), "failed"),
+        (str(fine), "completed"),
+    }
+
+
+# ------------------------------------------------------------------------------ throttles
+
+
+def assert_sliding_limit(times: list[datetime], span: timedelta, cap: int) -> None:
+    ordered = sorted(times)
+    for i, start in enumerate(ordered):
+        inside = [t for t in ordered[i:] if t < start + span]
+        assert len(inside) <= cap, f"{len(inside)} sends in the {span} from {start}"
+
+
+async def test_throttle_of_ten_per_minute_across_two_workers(
+    db: Database,
+    smtp_settings: Settings,
+    sink: SinkServer,
+    clock: ManualClock,
+    tenant: Tenant,
+) -> None:
+    org = tenant.org_id
+    limit = await tenant.client.put("/sender-limits/Sales@Example.com", json={"per_minute": 10})
+    assert limit.status_code == 200, limit.text
+    people = [{"email": f"lead{i}@example.org"} for i in range(50)]
+    contacts = await make_contacts(db, org, people)
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    start = clock.now()
+    workers = [make_worker(db, smtp_settings, clock, worker_id=name, batch_size=8) for name in "AB"]
+
+    async def both() -> int:
+        claimed = await asyncio.gather(*(w.run_once() for w in workers))
+        return sum(claimed)
+
+    while await both():
+        pass
+    assert len(sink.sink.received) == 10
+    listing = (
+        await tenant.client.get(f"/sequences/{sequence_id}/enrollments", params={"limit": 100})
+    ).json()["items"]
+    waiting = [e for e in listing if e["status"] == "active"]
+    assert len(waiting) == 40
+    assert {e["waiting_reason"] for e in waiting} == {"throttled"}
+    assert {e["next_step_at"] for e in waiting} == {"2026-03-02T09:01:00.000Z"}
+
+    for _ in range(60):
+        clock.advance(seconds=15)
+        while await both():
+            pass
+        if len(sink.sink.received) == 50:
+            break
+    for w in workers:
+        await w.transport.aclose()
+
+    sent = await messages_for(db, sequence_id=sequence_id)
+    assert len(sent) == 50 and {m.status for m in sent} == {"sent"}
+    times = [m.sent_at for m in sent if m.sent_at is not None]
+    assert_sliding_limit(times, timedelta(minutes=1), 10)
+    assert max(times) - start >= timedelta(minutes=4), "50 at 10/minute take 4 minutes at least"
+    assert len(sink.sink.received) == 50
+
+
+async def test_domain_and_address_limits_both_apply(
+    db: Database,
+    worker: Worker,
+    sink: SinkServer,
+    clock: ManualClock,
+    tenant: Tenant,
+    other_tenant: Tenant,
+) -> None:
+    await tenant.client.put("/sender-limits/example.com", json={"per_minute": 3})
+    await tenant.client.put("/sender-limits/a@example.com", json={"per_second": 1})
+    org = tenant.org_id
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(4)])
+    from_a = await make_sequence(
+        db, org, [email_step(from_email="A@example.com")], started_at=clock.now()
+    )
+    from_b = await make_sequence(
+        db, org, [email_step(from_email="b@example.com")], started_at=clock.now()
+    )
+    await enroll(db, org, from_a, contacts[:2], now=clock.now())
+    await enroll(db, org, from_b, contacts, now=clock.now())
+    # Another organization's limits and sends never count here.
+    [stranger] = await make_contacts(db, other_tenant.org_id, [{"email": "s@x.org"}])
+    theirs = await make_sequence(
+        db, other_tenant.org_id, [email_step(from_email="a@example.com")], started_at=clock.now()
+    )
+    await enroll(db, other_tenant.org_id, theirs, [stranger], now=clock.now())
+
+    await worker.drain()
+    senders = [str(m["From"]).rpartition("<")[2].strip(">") for m in sink.sink.received]
+    assert len(senders) == 4, senders  # 3 for the domain of one org (a@ at most once) + 1
+    assert sum(s.lower() == "a@example.com" for s in senders) == 2
+    clock.advance(seconds=59)
+    await worker.drain()
+    assert len(sink.sink.received) == 4
+    clock.advance(seconds=1)
+    await worker.drain()
+    assert len(sink.sink.received) == 7
+    clock.advance(minutes=1)
+    await worker.drain()
+    assert len(sink.sink.received) == 7
+
+
+# ------------------------------------------------------------------------------ send windows
+
+
+async def test_send_window_holds_until_it_opens_in_the_contacts_zone_across_dst(
+    db: Database,
+    worker: Worker,
+    sink: SinkServer,
+    clock: ManualClock,
+    tenant: Tenant,
+) -> None:
+    """Friday 6 March 2026 22:00 UTC: closed everywhere. New York moves to EDT on Sunday
+    8 March, Amsterdam stays on CET: Monday 09:00 is 08:00 UTC in Amsterdam, 13:00 UTC (not
+    14:00) in New York."""
+    clock.set(datetime(2026, 3, 6, 22, 0, tzinfo=UTC))
+    org = tenant.org_id
+    [amsterdam, new_york] = await make_contacts(
+        db,
+        org,
+        [
+            {"email": "ams@example.org"},
+            {"email": "ny@example.org", "custom_data": {"timezone": "America/New_York"}},
+        ],
+    )
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    window = {
+        "days": ["mon", "tue", "wed", "thu", "fri"],
+        "start": "09:00",
+        "end": "17:00",
+        "timezone": "Europe/Amsterdam",
+    }
+    async with db.transaction() as session:
+        await session.execute(
+            update(Sequence).where(Sequence.id == sequence_id).values(send_window=window)
+        )
+    await enroll(db, org, sequence_id, [amsterdam, new_york], now=clock.now())
+
+    assert await worker.drain() == 2
+    assert sink.sink.received == []
+    listing = (await tenant.client.get(f"/sequences/{sequence_id}/enrollments")).json()["items"]
+    due = {e["contact_id"]: (e["waiting_reason"], e["next_step_at"]) for e in listing}
+    assert due == {
+        str(amsterdam): ("outside_window", "2026-03-09T08:00:00.000Z"),
+        str(new_york): ("outside_window", "2026-03-09T13:00:00.000Z"),
+    }
+
+    clock.set(datetime(2026, 3, 9, 7, 59, 59, tzinfo=UTC))
+    assert await worker.drain() == 0
+    clock.set(datetime(2026, 3, 9, 8, 0, tzinfo=UTC))
+    assert await worker.drain() == 1
+    assert [str(m["To"]) for m in sink.sink.received] == ["ams@example.org"]
+    clock.set(datetime(2026, 3, 9, 12, 59, 59, tzinfo=UTC))
+    assert await worker.drain() == 0
+    clock.set(datetime(2026, 3, 9, 13, 0, tzinfo=UTC))
+    assert await worker.drain() == 1
+    assert [str(m["To"]) for m in sink.sink.received] == ["ams@example.org", "ny@example.org"]
+    sent = await messages_for(db, sequence_id=sequence_id)
+    assert sorted(m.sent_at for m in sent if m.sent_at) == [
+        datetime(2026, 3, 9, 8, 0, tzinfo=UTC),
+        datetime(2026, 3, 9, 13, 0, tzinfo=UTC),
+    ]
+
+
+# ------------------------------------------------------------------------------ DKIM
+
+
+def dns_answer(selector: str, domain: str, public_der: bytes) -> Any:
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public_der)
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
+        return record if name == f"{selector}._domainkey.{domain}.".encode() else None
+
+    return lookup
+
+
+async def test_dkim_signed_message_verifies_against_the_configured_key(
+    db: Database,
+    smtp_settings: Settings,
+    sink: SinkServer,
+    clock: ManualClock,
+    tmp_path: Path,
+    tenant: Tenant,
+) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    keys = tmp_path / "dkim"
+    keys.mkdir()
+    (keys / "example.com.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    public_der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    settings = smtp_settings.model_copy(
+        update={"dkim_selector": "mail2026", "dkim_key_dir": str(keys)}
+    )
+    worker = make_worker(db, settings, clock)
+    org = tenant.org_id
+    contacts = await make_contacts(db, org, [{"email": "x@example.org", "name": "Zoë"}])
+    signed = await make_sequence(
+        db,
+        org,
+        [email_step(subject="Grüße {{ contact.name }}", from_email="News@Example.com")],
+        started_at=clock.now(),
+    )
+    unsigned = await make_sequence(
+        db, org, [email_step(from_email="news@other.org")], started_at=clock.now()
+    )
+    await enroll(db, org, signed, contacts, now=clock.now())
+    await enroll(db, org, unsigned, contacts, now=clock.now())
+    assert await worker.drain() == 2
+    await worker.transport.aclose()
+
+    by_sender = {
+        envelope[0].lower(): raw
+        for envelope, raw in zip(sink.sink.envelopes, sink.sink.raw, strict=True)
+    }
+    lookup = dns_answer("mail2026", "example.com", public_der)
+    raw = by_sender["news@example.com"]
+    assert raw.startswith(b"DKIM-Signature:")
+    assert dkim.verify(raw, dnsfunc=lookup)
+    tampered = raw.replace(b"Subject:", b"Subject: Re:", 1)
+    assert not dkim.verify(tampered, dnsfunc=lookup)
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    wrong = dns_answer(
+        "mail2026",
+        "example.com",
+        other_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    )
+    assert not dkim.verify(raw, dnsfunc=wrong)
+    assert b"DKIM-Signature" not in by_sender["news@other.org"]
+
+
+# ------------------------------------------------------------------------------ tokens
+
+
+async def test_forged_and_tampered_tokens_are_404_and_change_nothing(
+    db: Database,
+    worker: Worker,
+    sink: SinkServer,
+    clock: ManualClock,
+    tenant: Tenant,
+    anonymous_client: httpx.AsyncClient,
+) -> None:
+    from opensequence.unsubscribe import make_token
+
+    org = tenant.org_id
+    [contact] = await make_contacts(db, org, [{"email": "keep@example.org"}])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    await enroll(db, org, sequence_id, [contact], now=clock.now())
+    await worker.drain()
+    token = urlsplit(str(sink.sink.received[0]["List-Unsubscribe"]).strip("<>")).path.rsplit(
+        "/", 1
+    )[1]
+    flipped = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+    candidates = [
+        flipped,
+        token[:-4],
+        token + "AAAA",
+        make_token("not-the-secret", org, contact),
+        make_token("not-the-secret", org, uuid.uuid4()),
+        "x" * 200,
+        "%00",
+    ]
+    for bad in candidates:
+        page = await anonymous_client.get(f"/unsubscribe/{bad}")
+        assert page.status_code == 404, bad
+        assert page.headers["content-type"].startswith("text/html")
+        posted = await anonymous_client.post(
+            f"/unsubscribe/{bad}", data={"List-Unsubscribe": "One-Click"}
+        )
+        assert posted.status_code == 404, bad
+        assert posted.json()["statusCode"] == 404
+    assert await suppressions(tenant.client) == {}
