@@ -112,11 +112,12 @@ async def unsubscribe_page(
 ) -> HTMLResponse:
     if await _read(request, db, settings.secret_key, token) is None:
         return _invalid_page()
-    action = html.escape(f"/unsubscribe/{token}", quote=True)
+    # No ``action``: the form posts back to the URL the page was served at, whatever prefix a
+    # reverse proxy put in front of it.
     return _page(
         "Unsubscribe",
         "<p>Do you want to stop receiving these emails?</p>"
-        f'<form method="post" action="{action}">'
+        '<form method="post">'
         '<input type="hidden" name="List-Unsubscribe" value="One-Click">'
         '<button type="submit">Unsubscribe</button>'
         "</form>",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, case, func, select, text, update
+from sqlalchemy import Table, and_, case, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.models import Message, SenderLimit
@@ -103,13 +103,19 @@ async def admit(
 
     # (org, sender, window) → [cap, counted in the database, reserved now]
     state: dict[tuple[uuid.UUID, str, str], list[int]] = {}
-    for org_id, sender in limited:
-        row = limits[(org_id, sender)]
-        counts = await _usage(session, org_id, sender, row, now)
-        for name, _ in WINDOWS:
-            cap = getattr(row, name)
-            if cap is not None:
-                state[(org_id, sender, name)] = [cap, counts[name], 0]
+    for org_id in sorted({org for org, _ in limited}, key=str):
+        limited_spans = [
+            (sender, name, span, getattr(limits[(org, sender)], name))
+            for org, sender in limited
+            if org == org_id
+            for name, span in WINDOWS
+            if getattr(limits[(org, sender)], name) is not None
+        ]
+        counts = await _usage(
+            session, org_id, [(s, n, span) for s, n, span, _ in limited_spans], now
+        )
+        for (sender, name, _, cap), counted in zip(limited_spans, counts, strict=True):
+            state[(org_id, sender, name)] = [cap, counted, 0]
 
     waiting: dict[Any, list[tuple[uuid.UUID, str, str]]] = {}
     for request in requests:
@@ -133,31 +139,35 @@ async def admit(
 
 
 async def _usage(
-    session: AsyncSession, org_id: uuid.UUID, sender: str, row: Any, now: datetime
-) -> dict[str, int]:
-    """Sends of ``sender`` inside each window ending now, in one statement."""
+    session: AsyncSession,
+    org_id: uuid.UUID,
+    windows: Sequence[tuple[str, str, timedelta]],
+    now: datetime,
+) -> list[int]:
+    """Sends inside each ``(sender, window name, span)`` ending now: one statement (one pass
+    over the organization's recent messages) for all of an organization's limited senders."""
     m = MESSAGES.c
     at = _sent_time()
-    spans = [(name, span) for name, span in WINDOWS if getattr(row, name) is not None]
-    widest = max(span for _, span in spans)
+    widest = max(span for _, _, span in windows)
+    senders = sorted({sender for sender, _, _ in windows})
     columns = [
-        func.coalesce(func.sum(case((at > now - span, 1), else_=0)), 0).label(name)
-        for name, span in spans
+        func.coalesce(
+            func.sum(case((and_(_from_sender(sender), at > now - span), 1), else_=0)), 0
+        ).label(f"c{i}")
+        for i, (sender, _, span) in enumerate(windows)
     ]
     result = (
         await session.execute(
             select(*columns).where(
                 m.org_id == org_id,
-                m.status.in_(("sending", "sent")),
                 m.updated_at > now - widest,
-                _from_sender(sender),
+                m.status.in_(("sending", "sent")),
+                or_(*(_from_sender(sender) for sender in senders)),
                 at > now - widest,
             )
         )
     ).one()
-    counts = {name: 0 for name, _ in WINDOWS}
-    counts.update({name: int(getattr(result, name)) for name, _ in spans})
-    return counts
+    return [int(value) for value in result]
 
 
 async def _frees_at(

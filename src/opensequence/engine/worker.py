@@ -6,11 +6,16 @@ One iteration (:meth:`Worker.run_once`) is three short transactions around the n
    render, and insert one ``messages`` row per (enrollment, step) as ``sending`` (``ON CONFLICT
    DO NOTHING`` + re-read: a row left ``sending`` by a crashed worker is reused, so the resend
    carries the same Message-ID). Steps that need no provider call (skips, template errors,
-   cancellations) are settled here too. COMMIT — every send is on record before it leaves.
+   cancellations) are settled here too. Deliverability is decided here as well: a suppressed
+   address is skipped (one query for the batch's addresses), a send outside its sequence's
+   send window waits (``outside_window``) and a send over a sender limit waits (``throttled``;
+   :mod:`opensequence.engine.throttle` reserves slots atomically across workers). COMMIT —
+   every send is on record before it leaves.
 2. **send** — concurrently (``concurrency`` at a time), after re-checking that the enrollment,
    its sequence and its contact are still live.
 3. **finish** — mark messages sent/failed (or schedule the retry) and advance the enrollments,
-   each write guarded by the lease it was claimed under.
+   each write guarded by the lease it was claimed under; a hard bounce also suppresses the
+   address in its organization.
 
 The only duplicate this allows is a message whose worker died between the provider accepting it
 and step 3 committing: the next worker resends it with the same Message-ID.

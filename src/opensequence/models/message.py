@@ -23,6 +23,7 @@ class Message(IdMixin, TimestampMixin, Base):
         UniqueConstraint("enrollment_id", "step_index"),
         Index("ix_messages_contact_id_created_at", "contact_id", "created_at"),
         Index("ix_messages_org_id_from_email_sent_at", "org_id", "from_email", "sent_at"),
+        Index("ix_messages_org_id_updated_at", "org_id", "updated_at"),
     )
 
     org_id: Mapped[uuid.UUID] = mapped_column(
