@@ -102,8 +102,15 @@ async def test_serve_runs_the_worker_in_the_background_with_metrics(
         db: Database = app.state.db
         org = await make_org(db)
         contacts = await make_contacts(db, org, [{"email": "s@example.org"}])
+        # Continuous: the running worker's lifecycle sweep would rightly mark a started one-off
+        # sequence ``complete`` in the moment between these two factory transactions, before
+        # it has any enrollment (the real start writes both in one transaction).
         sequence_id = await make_sequence(
-            db, org, [email_step(), email_step(delay=60)], started_at=clock.now()
+            db,
+            org,
+            [email_step(), email_step(delay=60)],
+            started_at=clock.now(),
+            is_continuous=True,
         )
         await enroll(db, org, sequence_id, contacts, now=clock.now())
 

@@ -155,6 +155,7 @@ class Worker:
         await asyncio.gather(*(self._loop() for _ in range(self.pipelines)))
 
     async def _loop(self) -> None:
+        log.debug("worker %s loop started", self.id)
         while not self._stopping:
             try:
                 claimed = await self.run_once()
@@ -201,6 +202,7 @@ class Worker:
             )
             if not claimed:
                 return 0
+            log.debug("worker %s claimed %d due enrollments", self.id, len(claimed))
             sends, one_off = await self._prepare(session, claimed, now)
         lease = _Lease(now + self.lease)
         sends = await self._recheck(sends)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from email.charset import QP, Charset
@@ -143,7 +144,10 @@ def build_message(
     is most of a send's CPU. Bodies are quoted-printable UTF-8, so long HTML lines stay under
     SMTP's line limit and the stored ``.eml`` stays readable.
     """
-    message = MIMEMultipart("alternative")
+    # A boundary of our own: left unset, the generator invents one and compiles a fresh regex per
+    # message to check it against the body. Ours cannot occur in the parts, which are
+    # quoted-printable and so never contain a bare "=_".
+    message = MIMEMultipart("alternative", boundary=f"=_{uuid.uuid4().hex}")
     message["From"] = format_from(sender_name, from_email)
     message["To"] = to_email
     message["Subject"] = _encoded(" ".join(subject.splitlines()))
