@@ -9,7 +9,7 @@ separately. Prints throughput, p50/p99 latency (overall and per operation) and t
 counts; exits 1 on any 5xx or transport error. Loopback only; every loop is bounded by the
 deadline.
 
-Usage: ``python bench/load.py [--seconds 60] [--clients 16] [--rate-limit 600/minute]``
+Usage: ``python bench/load.py [--seconds 60] [--clients 16] [--rate-limit 300/minute]``
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="delivery worker processes")
-    parser.add_argument("--rate-limit", default="600/minute")
+    parser.add_argument("--rate-limit", default="300/minute")
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("OPENSEQUENCE_REDIS_URL", "redis://127.0.0.1:6379/0"),
