@@ -46,6 +46,9 @@ STEP = {
 
 # Routes that need no API key; they must never carry organization data.
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs-assets"}
+# Keyless routes authorised by a signed ``{token}`` in the path (unsubscribe links): a token
+# that was not signed by this installation must find nothing.
+FORGED_TOKEN = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
 # A valid body per (method, path template): a request must get past validation to reach the
 # lookup whose isolation is under test. A new route with a body must be added here.
@@ -249,9 +252,14 @@ async def test_every_route_hides_other_organizations(
     # same name would then rightly find.
     for endpoint in sorted(routes, key=lambda e: (e.method, e.path) in UPSERTS):
         if endpoint.scope is None:
-            assert endpoint.path in PUBLIC, f"{endpoint.label} needs no key: isolate or list it"
-            assert not endpoint.parameters, endpoint.label
-            response = await tenant.client.get(endpoint.path)
+            if endpoint.parameters == ["token"]:
+                path = endpoint.path.replace("{token}", FORGED_TOKEN)
+                response = await tenant.client.request(endpoint.method, path)
+                assert response.status_code == 404, (endpoint.label, response.text)
+            else:
+                assert endpoint.path in PUBLIC, f"{endpoint.label} needs no key: isolate or list it"
+                assert not endpoint.parameters, endpoint.label
+                response = await tenant.client.get(endpoint.path)
             assert not any(marker in response.text for marker in theirs.markers()), endpoint.label
             continue
         for name in endpoint.parameters:
