@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -65,7 +66,11 @@ CustomValue = str | int | float | bool | None
 
 
 def check_custom_data(value: dict[str, Any]) -> dict[str, Any]:
-    """Flat JSON objects only: ≤ 100 keys of ≤ 128 chars; scalar values, strings ≤ 4,096."""
+    """Flat JSON objects only: ≤ 100 keys of ≤ 128 chars; scalar values, strings ≤ 4,096.
+
+    Numbers must be finite: Python's JSON parser accepts ``NaN``/``Infinity``, which SQLite
+    silently stored as null and PostgreSQL's jsonb refused with a 500 (found by the hostile-input
+    drill)."""
     if len(value) > MAX_CUSTOM_KEYS:
         raise ValueError(f"at most {MAX_CUSTOM_KEYS} keys")
     for key, item in value.items():
@@ -76,6 +81,8 @@ def check_custom_data(value: dict[str, Any]) -> dict[str, Any]:
             if len(item) > MAX_CUSTOM_STRING:
                 raise ValueError(f"value of {key!r} is longer than {MAX_CUSTOM_STRING} characters")
             reject_control_chars(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"value of {key!r} must be a finite number")
     return value
 
 

@@ -100,15 +100,30 @@ class RequestContextMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        exceeded = {"hit": False}
+
+        async def app_send(message: Message) -> None:
+            # FastAPI turns any exception raised while it reads the body, BodyTooLarge included,
+            # into 400 "There was an error parsing the body"; once the limit was hit, whatever
+            # the app answers is replaced by the 413 (found by the hostile-input drill: a chunked
+            # body over 16 MiB without Content-Length got a 400).
+            if not exceeded["hit"]:
+                await send_wrapper(message)
+            elif message["type"] == "http.response.start" and not status_holder["started"]:
+                await self._send_error(send_wrapper, 413, self._too_large_message())
+
         try:
             declared = _content_length(scope)
             if declared is not None and declared > self.max_body:
                 await send_error_dto(send_wrapper, 413, self._too_large_message())
                 return
+            if _has_nul(scope):
+                await self._send_error(send_wrapper, 400, "the URL must not contain NUL characters")
+                return
             if _has_non_json_body(scope, declared):
                 await send_error_dto(send_wrapper, 415, "Content-Type must be application/json")
                 return
-            await self.app(scope, self._limited(receive), send_wrapper)
+            await self.app(scope, self._limited(receive, exceeded), app_send)
         except BodyTooLarge:
             if not status_holder["started"]:
                 await send_error_dto(send_wrapper, 413, self._too_large_message())
@@ -127,7 +142,7 @@ class RequestContextMiddleware:
     def _too_large_message(self) -> str:
         return f"request body exceeds the limit of {self.max_body} bytes"
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, exceeded: dict[str, bool]) -> Receive:
         seen = 0
 
         async def limited_receive() -> Message:
@@ -136,10 +151,19 @@ class RequestContextMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
+                    exceeded["hit"] = True
                     raise BodyTooLarge()
             return message
 
         return limited_receive
+
+
+def _has_nul(scope: Scope) -> bool:
+    """A NUL in the path or query string (SPEC §1: never valid text). PostgreSQL refuses NUL in
+    text parameters, so it reached lookups by custom_id, email or sender as a 500 (found by the
+    hostile-input drill); one check here covers every route, present and future."""
+    query = bytes(scope.get("query_string", b"")).lower()
+    return "\x00" in str(scope.get("path", "")) or b"%00" in query or b"\x00" in query
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -20,7 +20,7 @@ from opensequence.contacts.schemas import (
     UpdateContactInput,
 )
 from opensequence.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, Page
-from opensequence.validation import MAX_EMAIL, MAX_PHONE
+from opensequence.validation import MAX_EMAIL, MAX_PHONE, CleanText
 
 router = APIRouter(prefix="/contacts", tags=["Contacts"])
 
@@ -76,11 +76,11 @@ async def list_contacts(
     updated_after: TimeQuery = None,
     updated_before: TimeQuery = None,
     email: Annotated[
-        str | None,
+        CleanText | None,
         Query(max_length=MAX_EMAIL, description="Exact email, case-insensitive (extension)."),
     ] = None,
     phone_number: Annotated[
-        str | None,
+        CleanText | None,
         Query(max_length=MAX_PHONE, description="Exact phone, E.164-normalized (extension)."),
     ] = None,
 ) -> Page[ContactOut]:
