@@ -110,7 +110,7 @@ class RequestContextMiddleware:
             if not exceeded["hit"]:
                 await send_wrapper(message)
             elif message["type"] == "http.response.start" and not status_holder["started"]:
-                await self._send_error(send_wrapper, 413, self._too_large_message())
+                await send_error_dto(send_wrapper, 413, self._too_large_message())
 
         try:
             declared = _content_length(scope)
@@ -118,7 +118,7 @@ class RequestContextMiddleware:
                 await send_error_dto(send_wrapper, 413, self._too_large_message())
                 return
             if _has_nul(scope):
-                await self._send_error(send_wrapper, 400, "the URL must not contain NUL characters")
+                await send_error_dto(send_wrapper, 400, "the URL must not contain NUL characters")
                 return
             if _has_non_json_body(scope, declared):
                 await send_error_dto(send_wrapper, 415, "Content-Type must be application/json")
