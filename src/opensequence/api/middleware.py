@@ -161,9 +161,14 @@ class RequestContextMiddleware:
 def _has_nul(scope: Scope) -> bool:
     """A NUL in the path or query string (SPEC §1: never valid text). PostgreSQL refuses NUL in
     text parameters, so it reached lookups by custom_id, email or sender as a 500 (found by the
-    hostile-input drill); one check here covers every route, present and future."""
+    hostile-input drill); one check here covers every route, present and future. Unsubscribe
+    links are exempt: their token is verified by signature before anything is looked up, and a
+    person following a mangled link should see the "link not valid" page (404), not a 400."""
+    path = str(scope.get("path", ""))
+    if path.startswith(_FORM_PATHS):
+        return False
     query = bytes(scope.get("query_string", b"")).lower()
-    return "\x00" in str(scope.get("path", "")) or b"%00" in query or b"\x00" in query
+    return "\x00" in path or b"%00" in query or b"\x00" in query
 
 
 def _content_length(scope: Scope) -> int | None:
