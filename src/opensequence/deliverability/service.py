@@ -9,6 +9,7 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from opensequence.contacts.identity import normalize_email
 from opensequence.contacts.lookup import get_contact
 from opensequence.deliverability import repository as repo
 from opensequence.errors import Invalid, NotFound
@@ -31,16 +32,12 @@ SKIP_REASON = {
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 
 
-def normalise_email(email: str) -> str:
-    return email.strip().lower()
-
-
 async def suppress(
     session: AsyncSession, org_id: uuid.UUID, email: str, reason: str, now: datetime
 ) -> bool:
     """Add ``email`` to the organization's suppression list, or strengthen its reason.
     Returns True when the entry is new."""
-    normalized = normalise_email(email)
+    normalized = normalize_email(email)
     existing = await repo.get_suppression(session, org_id, normalized)
     if existing is not None and _RANK[existing.reason] >= _RANK[reason]:
         return False
@@ -53,7 +50,7 @@ async def suppress_bounces(
 ) -> None:
     """Record hard bounces ``(org_id, email)``: each address is suppressed ``bounced`` in its
     own organization only, whatever it was before (bounced outranks every other reason)."""
-    rows = {(org_id, normalise_email(email)): email for org_id, email in bounces}
+    rows = {(org_id, normalize_email(email)): email for org_id, email in bounces}
     await repo.upsert_bounced(
         session, [(org_id, email, normalized) for (org_id, normalized), email in rows.items()], now
     )
@@ -68,16 +65,16 @@ async def unsubscribe_contact(
     if not contact.email:
         return None
     await suppress(session, org_id, contact.email, "unsubscribed", now)
-    return await repo.get_suppression(session, org_id, normalise_email(contact.email))
+    return await repo.get_suppression(session, org_id, normalize_email(contact.email))
 
 
 async def unsuppress(session: AsyncSession, org_id: uuid.UUID, email: str) -> None:
-    if not await repo.delete_suppression(session, org_id, normalise_email(email)):
+    if not await repo.delete_suppression(session, org_id, normalize_email(email)):
         raise NotFound(f"{email!r} is not on the suppression list")
 
 
 async def get_suppression(session: AsyncSession, org_id: uuid.UUID, email: str) -> Suppression:
-    found = await repo.get_suppression(session, org_id, normalise_email(email))
+    found = await repo.get_suppression(session, org_id, normalize_email(email))
     if found is None:
         raise NotFound(f"{email!r} is not on the suppression list")
     return found

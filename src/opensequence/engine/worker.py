@@ -45,12 +45,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.clock import Clock, SystemClock
 from opensequence.config import Settings
+from opensequence.contacts.identity import normalize_email
 from opensequence.db import Database
 from opensequence.db.types import new_id
 from opensequence.deliverability import repository as deliverability_repo
 from opensequence.deliverability.service import (
     blocking_reason,
-    normalise_email,
     suppress_bounces,
 )
 from opensequence.engine import repository as repo
@@ -255,7 +255,7 @@ class Worker:
         suppressed = await deliverability_repo.suppression_reasons_for(
             session,
             [
-                (contact.org_id, normalise_email(contact.email))
+                (contact.org_id, normalize_email(contact.email))
                 for contact in contacts.values()
                 if contact.email
             ],
@@ -294,7 +294,7 @@ class Worker:
                 )
                 continue
             suppression = (
-                suppressed.get((contact.org_id, normalise_email(contact.email)))
+                suppressed.get((contact.org_id, normalize_email(contact.email)))
                 if contact.email
                 else None
             )
