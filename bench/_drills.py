@@ -280,3 +280,27 @@ def report(counts: dict[str, Any], problems: list[str]) -> int:
         print(f"FAIL: {problem}", file=sys.stderr)
     print("PASS" if not problems else "FAIL")
     return 1 if problems else 0
+
+
+def report_with_logs(counts: dict[str, Any], problems: list[str], logs: list[Path]) -> int:
+    """``report`` for a drill that ran worker processes: adds how often their iterations failed
+    and retried, and shows the tail of each worker's log when the drill failed."""
+    counts["worker iterations that failed and retried"] = count_in_logs(
+        logs, "worker iteration failed"
+    )
+    if problems:
+        for log in logs:
+            print(f"--- {log.name} (last lines)", file=sys.stderr)
+            print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
+    return report(counts, problems)
+
+
+async def tear_down(workers: list[subprocess.Popen[bytes]], db: Database, server: Any) -> None:
+    """Kill workers still running (a failed drill may leave some), close the database and the
+    SMTP sink."""
+    for worker in workers:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    await db.dispose()
+    server.stop()

@@ -32,12 +32,12 @@ from _drills import (
     PIPELINES,
     SinkServer,
     account,
-    count_in_logs,
-    report,
+    report_with_logs,
     seed_sequence,
     start_worker,
     stop_workers,
     subprocess_env,
+    tear_down,
     wait_for_sink,
     wait_until_settled,
 )
@@ -123,21 +123,9 @@ async def drill(messages: int, restart: list[str]) -> int:
                 "restart until PostgreSQL answered": f"{outage:.1f} s",
                 "elapsed": f"{elapsed:.1f} s",
             }
-            counts["worker iterations that failed and retried"] = count_in_logs(
-                logs, "worker iteration failed"
-            )
-            if problems:
-                for log in logs:
-                    print(f"--- {log.name} (last lines)", file=sys.stderr)
-                    print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
-            return report(counts, problems)
+            return report_with_logs(counts, problems, logs)
         finally:
-            for worker in workers:
-                if worker.poll() is None:
-                    worker.kill()
-                    worker.wait()
-            await db.dispose()
-            server.stop()
+            await tear_down(workers, db, server)
 
 
 def main() -> None:
