@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -28,16 +29,15 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from opensequence.db.bulk import sqlite_datetime, sqlite_executemany, sqlite_json, sqlite_uuid
 from opensequence.models import Contact, Enrollment, Message
 
 T = TypeVar("T")
 
 SELECT_CHUNK = 5000
-# 9 columns per contact row: 2,000 rows = 18,000 parameters.
-INSERT_CHUNK = 2000
 # PostgreSQL's unnest insert binds arrays, not rows; chunks only bound the statement's memory.
 UNNEST_CHUNK = 10_000
 
@@ -45,13 +45,6 @@ UNNEST_CHUNK = 10_000
 def chunked(values: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
-
-
-def dialect_insert(session: AsyncSession, table: Any) -> Any:
-    """``INSERT`` with ``ON CONFLICT`` support for the session's database."""
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
 
 
 def _is_postgresql(session: AsyncSession) -> bool:
@@ -116,31 +109,72 @@ async def ids_by_phone(
     return found
 
 
+@dataclass
+class NewContact:
+    """A contact to insert, with its pre-generated id and already-normalized identifiers."""
+
+    id: uuid.UUID
+    email: str | None
+    email_normalized: str | None
+    phone_number: str | None
+    name: str | None
+    custom_data: dict[str, Any] = field(default_factory=dict)
+
+
+_CONTACT_COLUMNS = (
+    "id",
+    "org_id",
+    "email",
+    "email_normalized",
+    "phone_number",
+    "name",
+    "custom_data",
+    "created_at",
+    "updated_at",
+)
+
+
 async def insert_contacts_ignoring_conflicts(
-    session: AsyncSession, rows: Sequence[dict[str, Any]]
+    session: AsyncSession, org_id: uuid.UUID, rows: Sequence[NewContact], *, now: datetime
 ) -> set[uuid.UUID]:
-    """Insert ``rows`` (full column dicts, ids pre-generated) with ``ON CONFLICT DO NOTHING``
-    on any unique constraint; returns the ids that were actually inserted.
+    """Insert ``rows`` with ``ON CONFLICT DO NOTHING`` on any unique constraint; returns the
+    ids that were actually inserted.
 
     Concurrency: on PostgreSQL a row whose email or phone another transaction inserted but has
     not committed yet makes this statement wait for that transaction; it is then skipped (the
     other committed) or inserted (the other rolled back). Either way a re-select afterwards (a
     new READ COMMITTED snapshot) finds exactly one contact. On SQLite writers are serialised by
-    ``BEGIN IMMEDIATE``, so no conflict can appear between the caller's select and this insert.
+    ``BEGIN IMMEDIATE``, so no conflict can appear between the caller's select and this insert;
+    the driver's ``executemany`` writes the rows and, should the count fall short, the ids that
+    made it are read back.
     """
     if not rows:
         return set()
     if _is_postgresql(session):
-        return await _insert_contacts_unnest(session, rows)
-    statement = (
-        dialect_insert(session, Contact.__table__)
-        .on_conflict_do_nothing()
-        .returning(Contact.__table__.c.id)
+        return await _insert_contacts_unnest(session, org_id, rows, now)
+    org, stamp = sqlite_uuid(org_id), sqlite_datetime(now)
+    written = await sqlite_executemany(
+        session,
+        "contacts",
+        _CONTACT_COLUMNS,
+        [
+            (
+                row.id.hex,
+                org,
+                row.email,
+                row.email_normalized,
+                row.phone_number,
+                row.name,
+                "{}" if not row.custom_data else sqlite_json(row.custom_data),
+                stamp,
+                stamp,
+            )
+            for row in rows
+        ],
     )
-    result = await session.execute(
-        statement, list(rows), execution_options={"insertmanyvalues_page_size": INSERT_CHUNK}
-    )
-    return set(result.scalars())
+    if written == len(rows):
+        return {row.id for row in rows}
+    return await existing_ids(session, org_id, [row.id for row in rows])
 
 
 _UNNEST_INSERT = (
@@ -174,7 +208,7 @@ _UNNEST_INSERT = (
 
 
 async def _insert_contacts_unnest(
-    session: AsyncSession, rows: Sequence[dict[str, Any]]
+    session: AsyncSession, org_id: uuid.UUID, rows: Sequence[NewContact], now: datetime
 ) -> set[uuid.UUID]:
     """PostgreSQL: one ``INSERT … SELECT FROM unnest(arrays)`` per chunk — nine array
     parameters instead of nine per row, so statement size no longer grows with the batch."""
@@ -183,15 +217,15 @@ async def _insert_contacts_unnest(
         result = await session.execute(
             _UNNEST_INSERT,
             {
-                "ids": [row["id"] for row in part],
-                "org_ids": [row["org_id"] for row in part],
-                "emails": [row["email"] for row in part],
-                "email_normalized": [row["email_normalized"] for row in part],
-                "phones": [row["phone_number"] for row in part],
-                "names": [row["name"] for row in part],
-                "custom_data": [json.dumps(row["custom_data"]) for row in part],
-                "created_at": [row["created_at"] for row in part],
-                "updated_at": [row["updated_at"] for row in part],
+                "ids": [row.id for row in part],
+                "org_ids": [org_id] * len(part),
+                "emails": [row.email for row in part],
+                "email_normalized": [row.email_normalized for row in part],
+                "phones": [row.phone_number for row in part],
+                "names": [row.name for row in part],
+                "custom_data": [json.dumps(row.custom_data) for row in part],
+                "created_at": [now] * len(part),
+                "updated_at": [now] * len(part),
             },
         )
         inserted.update(result.scalars())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from opensequence.contacts import repository
 from opensequence.contacts.identity import normalize_email, normalize_phone
 from opensequence.contacts.lookup import get_contact
+from opensequence.contacts.repository import NewContact
 from opensequence.contacts.schemas import ContactInput, ContactOut
 from opensequence.db.types import iso, new_id
 from opensequence.errors import Conflict, Invalid, NotFound
@@ -43,31 +44,6 @@ class ResolvedContact:
     created: bool  # True only for the one item whose insert created it
 
 
-@dataclass
-class _NewRow:
-    """A contact the plan wants to insert, with its pre-generated id."""
-
-    id: uuid.UUID
-    email: str | None
-    email_normalized: str | None
-    phone_number: str | None
-    name: str | None
-    custom_data: dict[str, Any] = field(default_factory=dict)
-
-    def values(self, org_id: uuid.UUID, now: datetime) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "org_id": org_id,
-            "email": self.email,
-            "email_normalized": self.email_normalized,
-            "phone_number": self.phone_number,
-            "name": self.name,
-            "custom_data": self.custom_data,
-            "created_at": now,
-            "updated_at": now,
-        }
-
-
 @dataclass(frozen=True)
 class _Key:
     """The deciding identifier of one item: ``kind`` is id, email or phone; ``None`` = nobody."""
@@ -95,16 +71,16 @@ def _plan(
     by_phone: dict[str, uuid.UUID],
     *,
     with_secondaries: bool,
-) -> tuple[list[uuid.UUID | _NewRow | None], list[_NewRow]]:
+) -> tuple[list[uuid.UUID | NewContact | None], list[NewContact]]:
     """Decide, item by item in request order, which contact each item names: an existing one,
     a row to create, or nobody. Pure (no I/O) so the result equals processing the items one by
     one: a later item whose email or phone an earlier item's new contact already took resolves
     to that contact, and a secondary identifier already taken (in the database or earlier in
     the batch) is dropped from the new row instead of failing."""
-    emails: dict[str, uuid.UUID | _NewRow] = dict(by_email)
-    phones: dict[str, uuid.UUID | _NewRow] = dict(by_phone)
-    targets: list[uuid.UUID | _NewRow | None] = []
-    rows: list[_NewRow] = []
+    emails: dict[str, uuid.UUID | NewContact] = dict(by_email)
+    phones: dict[str, uuid.UUID | NewContact] = dict(by_phone)
+    targets: list[uuid.UUID | NewContact | None] = []
+    rows: list[NewContact] = []
     for item, key in zip(items, keys, strict=True):
         if key is None:
             targets.append(None)
@@ -128,7 +104,7 @@ def _plan(
                 phone_key = normalize_phone(item.phone_number)
                 if phone_key is not None and phone_key not in phones:
                     phone = phone_key
-        row = _NewRow(
+        row = NewContact(
             id=new_id(),
             email=email,
             email_normalized=normalize_email(email) if email is not None else None,
@@ -203,7 +179,7 @@ async def resolve_contacts(
         if rows:
             rows.sort(key=lambda r: (r.email_normalized or "\uffff", r.phone_number or ""))
             inserted = await repository.insert_contacts_ignoring_conflicts(
-                session, [row.values(org_id, now) for row in rows]
+                session, org_id, rows, now=now
             )
             created_ids |= inserted
             if len(inserted) < len(rows):
@@ -213,12 +189,12 @@ async def resolve_contacts(
 
 
 def _outcomes(
-    targets: Sequence[uuid.UUID | _NewRow | None], created_ids: set[uuid.UUID]
+    targets: Sequence[uuid.UUID | NewContact | None], created_ids: set[uuid.UUID]
 ) -> list[ResolvedContact]:
     seen: set[uuid.UUID] = set()
     results: list[ResolvedContact] = []
     for target in targets:
-        contact_id = target.id if isinstance(target, _NewRow) else target
+        contact_id = target.id if isinstance(target, NewContact) else target
         if contact_id is None:
             results.append(ResolvedContact(None, False))
             continue

@@ -14,6 +14,7 @@ from sqlalchemy import Integer, Text, Uuid, and_, bindparam, select, text, updat
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from opensequence.db.bulk import sqlite_datetime, sqlite_executemany, sqlite_uuid
 from opensequence.db.dialect import insert_for
 from opensequence.db.types import UTCDateTime
 from opensequence.models import Contact, Enrollment, Run, RunItem, SequenceStep
@@ -129,36 +130,64 @@ async def insert_enrollments(
             },
         )
         return set(result.scalars())
-    table = Enrollment.__table__
-    rows = [
-        {
-            "id": new_id(),
-            "org_id": org_id,
-            "sequence_id": sequence_id,
-            "contact_id": contact_id,
-            "run_id": run_id,
-            "run_index": None,
-            "status": "active",
-            "current_step": 0,
-            "next_step_at": due_at,
-            "waiting_reason": None,
-            "attempts": 0,
-            "locked_until": None,
-            "locked_by": None,
-            "created_at": now,
-            "updated_at": now,
-        }
-        for contact_id in contact_ids
-    ]
-    # One statement compiled once, executed as batched multi-row INSERTs by SQLAlchemy's
-    # "insertmanyvalues" (a literal .values(list) would be compiled per chunk, which cost
-    # seconds for 10,000 rows).
-    statement = (
-        insert_for(session, table)
-        .on_conflict_do_nothing(index_elements=["sequence_id", "contact_id"])
-        .returning(table.c.contact_id)
+    # SQLite: the driver's executemany with values converted once per column. A contact
+    # already in the sequence hits the unique (sequence, contact) constraint and is skipped;
+    # when that happened the ids that did get written are read back.
+    ids = [new_id() for _ in contact_ids]
+    org, sequence, run = sqlite_uuid(org_id), sqlite_uuid(sequence_id), sqlite_uuid(run_id)
+    due, stamp = sqlite_datetime(due_at), sqlite_datetime(now)
+    written = await sqlite_executemany(
+        session,
+        "enrollments",
+        _ENROLLMENT_COLUMNS,
+        [
+            (
+                enrollment_id.hex,
+                org,
+                sequence,
+                contact_id.hex,
+                run,
+                None,
+                "active",
+                0,
+                due,
+                None,
+                0,
+                None,
+                None,
+                stamp,
+                stamp,
+            )
+            for enrollment_id, contact_id in zip(ids, contact_ids, strict=True)
+        ],
     )
-    return set((await session.scalars(statement, rows)).all())
+    if written == len(ids):
+        return set(contact_ids)
+    enrolled: set[uuid.UUID] = set()
+    for part in chunks(ids):
+        enrolled.update(
+            await session.scalars(select(Enrollment.contact_id).where(Enrollment.id.in_(part)))
+        )
+    return enrolled
+
+
+_ENROLLMENT_COLUMNS = (
+    "id",
+    "org_id",
+    "sequence_id",
+    "contact_id",
+    "run_id",
+    "run_index",
+    "status",
+    "current_step",
+    "next_step_at",
+    "waiting_reason",
+    "attempts",
+    "locked_until",
+    "locked_by",
+    "created_at",
+    "updated_at",
+)
 
 
 # PostgreSQL: one statement with two array parameters whatever the number of rows (psycopg
