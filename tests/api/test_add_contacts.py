@@ -11,7 +11,7 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
-from opensequence.models import Contact, Enrollment, Run, RunItem
+from opensequence.models import Contact, Enrollment, Run, RunItemPage
 from opensequence.validation import SEED_EMAIL_PATTERN, SEED_ID_PATTERN
 from tests.helpers import Tenant, assert_error
 
@@ -71,7 +71,7 @@ async def table_counts(app: FastAPI) -> dict[str, int]:
             model.__tablename__: int(
                 await session.scalar(select(func.count()).select_from(model)) or 0
             )
-            for model in (Contact, Enrollment, Run, RunItem)
+            for model in (Contact, Enrollment, Run, RunItemPage)
         }
 
 

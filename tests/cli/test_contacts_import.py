@@ -18,7 +18,8 @@ from sqlalchemy import select
 from opensequence.auth import service as auth
 from opensequence.db import Database
 from opensequence.db.migrate import upgrade
-from opensequence.models import Contact, Enrollment, Run, RunItem, Sequence, SequenceStep
+from opensequence.models import Contact, Enrollment, Run, RunItemPage, Sequence, SequenceStep
+from opensequence.runs.pages import StoredItem, unpack
 
 OPENSEQUENCE = [sys.executable, "-m", "opensequence"]
 
@@ -92,6 +93,12 @@ def read_all(database_url: str, model: Any) -> list[Any]:
             await db.dispose()
 
     return asyncio.run(work())
+
+
+def read_items(database_url: str, run_id: Any = None) -> list[StoredItem]:
+    """Every stored run item (of ``run_id`` when given), in index order."""
+    pages = [p for p in read_all(database_url, RunItemPage) if run_id in (None, p.run_id)]
+    return sorted((item for p in pages for item in unpack(p.items)), key=lambda i: i.index)
 
 
 def test_import_lands_good_rows_and_reports_bad_lines(
@@ -180,10 +187,7 @@ def test_import_into_a_continuous_sequence_makes_one_run(
         "duplicate_in_request": 1,
         "not_found": 0,
     }
-    items = sorted(
-        (i for i in read_all(database_url, RunItem) if i.run_id == run.id),
-        key=lambda i: i.item_index,
-    )
+    items = read_items(database_url, run.id)
     assert [i.outcome for i in items] == [
         "created_and_added",
         "created_and_added",
@@ -244,7 +248,7 @@ def test_import_applies_the_sequence_filter_like_add_contacts(
         "created_and_added": 1,
         "duplicate_in_request": 1,
     }
-    items = sorted(read_all(database_url, RunItem), key=lambda item: item.item_index)
+    items = read_items(database_url)
     assert [item.outcome for item in items] == [
         "filtered_out",
         "created_and_added",

@@ -7,7 +7,7 @@ from opensequence.models.enrollment import Enrollment
 from opensequence.models.idempotency_key import IdempotencyKey
 from opensequence.models.message import Message
 from opensequence.models.organization import Organization
-from opensequence.models.run import Run, RunItem
+from opensequence.models.run import Run, RunItemPage
 from opensequence.models.sender_limit import SenderLimit
 from opensequence.models.sequence import Sequence, SequenceStep
 from opensequence.models.suppression import Suppression
@@ -22,7 +22,7 @@ __all__ = [
     "Message",
     "Organization",
     "Run",
-    "RunItem",
+    "RunItemPage",
     "SenderLimit",
     "Sequence",
     "SequenceStep",

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import ForeignKey, Index, Integer, String, Text, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
@@ -43,23 +42,22 @@ class Run(IdMixin, TimestampMixin, Base):
     canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
-class RunItem(Base):
-    """The per-item outcome of an add-contacts (or import) run, in request order.
+class RunItemPage(Base):
+    """The per-item outcomes of an add-contacts (or import) run, in request order, up to a
+    thousand items per row (``opensequence.runs.pages`` packs and reads them).
 
     Start runs do not write items: their items are derived from the enrollments they created
     (``Enrollment.run_index``), which keeps a million-contact start to one INSERT … SELECT.
     """
 
-    __tablename__ = "run_items"
-    __table_args__ = (
-        Index("ix_run_items_run_id_outcome_item_index", "run_id", "outcome", "item_index"),
-    )
+    __tablename__ = "run_item_pages"
 
     run_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
     )
-    item_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    input: Mapped[dict[str, Any]] = mapped_column(JSONType, nullable=False)
-    contact_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
-    outcome: Mapped[str] = mapped_column(String(32), nullable=False)
-    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    first_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_index: Mapped[int] = mapped_column(Integer, nullable=False)
+    # Bit i set when OUTCOMES[i] occurs in the page.
+    outcomes: Mapped[int] = mapped_column(Integer, nullable=False)
+    # JSON array of [index, input, contact_id, outcome, reason].
+    items: Mapped[str] = mapped_column(Text, nullable=False)

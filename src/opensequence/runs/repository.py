@@ -4,20 +4,19 @@ limits), never a round trip per item."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, Text, Uuid, and_, bindparam, select, text, update
+from sqlalchemy import Uuid, and_, bindparam, insert, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.bulk import sqlite_datetime, sqlite_executemany, sqlite_uuid
-from opensequence.db.dialect import insert_for
 from opensequence.db.types import UTCDateTime
-from opensequence.models import Contact, Enrollment, Run, RunItem, SequenceStep
+from opensequence.models import Contact, Enrollment, Run, RunItemPage, SequenceStep
+from opensequence.runs.pages import OUTCOME_BITS, StoredItem, pack, select_items
 
 CHUNK = 2000
 
@@ -217,41 +216,30 @@ _ENROLL_UNNEST = (
     .columns(contact_id=Uuid())
 )
 
-_RUN_ITEMS_UNNEST = text(
-    """
-    INSERT INTO run_items (run_id, item_index, input, contact_id, outcome, reason)
-    SELECT :run_id, t.item_index, t.input, t.contact_id, t.outcome, t.reason
-    FROM unnest(:indexes, CAST(:inputs AS jsonb[]), :contact_ids, :outcomes, :reasons)
-         AS t(item_index, input, contact_id, outcome, reason)
-    """
-).bindparams(
-    bindparam("run_id", type_=Uuid()),
-    bindparam("indexes", type_=postgresql.ARRAY(Integer())),
-    bindparam("inputs", type_=postgresql.ARRAY(Text())),
-    bindparam("contact_ids", type_=postgresql.ARRAY(Uuid())),
-    bindparam("outcomes", type_=postgresql.ARRAY(Text())),
-    bindparam("reasons", type_=postgresql.ARRAY(Text())),
-)
 
-
-async def insert_run_items(session: AsyncSession, items: Sequence[dict[str, Any]]) -> None:
-    """One row per request item (all of the same run)."""
+async def insert_run_items(
+    session: AsyncSession, run_id: uuid.UUID, items: list[StoredItem]
+) -> None:
+    """The items (ascending indexes, all of one run) as pages: ten rows for 10,000 items."""
     if not items:
         return
-    if session.get_bind().dialect.name == "postgresql":
-        await session.execute(
-            _RUN_ITEMS_UNNEST,
+    await session.execute(
+        insert(RunItemPage),
+        [
             {
-                "run_id": items[0]["run_id"],
-                "indexes": [item["item_index"] for item in items],
-                "inputs": [json.dumps(item["input"]) for item in items],
-                "contact_ids": [item["contact_id"] for item in items],
-                "outcomes": [item["outcome"] for item in items],
-                "reasons": [item["reason"] for item in items],
-            },
-        )
-        return
-    await session.execute(insert_for(session, RunItem.__table__), list(items))
+                "run_id": run_id,
+                "first_index": page.first_index,
+                "last_index": page.last_index,
+                "outcomes": page.outcomes,
+                "items": page.items,
+            }
+            for page in pack(items)
+        ],
+    )
+
+
+# Pages read per round trip while filling one listing page.
+_PAGES_PER_READ = 4
 
 
 async def get_run(
@@ -270,12 +258,34 @@ async def list_run_items(
     outcome: str | None,
     after_index: int,
     limit: int,
-) -> list[RunItem]:
-    query = select(RunItem).where(RunItem.run_id == run_id, RunItem.item_index > after_index)
+) -> list[StoredItem]:
+    """Up to ``limit`` items past ``after_index`` in request order; only pages past the cursor
+    that hold ``outcome`` are read."""
+    query = select(RunItemPage.first_index, RunItemPage.items).where(
+        RunItemPage.run_id == run_id, RunItemPage.last_index > after_index
+    )
     if outcome is not None:
-        query = query.where(RunItem.outcome == outcome)
-    rows = await session.scalars(query.order_by(RunItem.item_index).limit(limit))
-    return list(rows)
+        query = query.where(RunItemPage.outcomes.op("&")(OUTCOME_BITS[outcome]) != 0)
+    found: list[StoredItem] = []
+    after_page = -1
+    while len(found) < limit:
+        rows = (
+            await session.execute(
+                query.where(RunItemPage.first_index > after_page)
+                .order_by(RunItemPage.first_index)
+                .limit(_PAGES_PER_READ)
+            )
+        ).all()
+        if not rows:
+            break
+        found += select_items(
+            [text for _, text in rows],
+            after_index=after_index,
+            outcome=outcome,
+            limit=limit - len(found),
+        )
+        after_page = rows[-1][0]
+    return found
 
 
 async def list_start_run_items(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,6 +20,7 @@ from opensequence.models.run import OUTCOMES
 from opensequence.pagination import decode_cursor, encode_cursor
 from opensequence.runs import repository as repo
 from opensequence.runs.intake import Item
+from opensequence.runs.pages import StoredItem
 from opensequence.sequences.lookup import get_sequence, parse_uuid
 
 
@@ -160,22 +160,13 @@ async def process_items(
         else:
             outcome[index] = ("added", None)
 
-    rows: list[dict[str, Any]] = []
+    stored: list[StoredItem] = []
     for item in items:
         name, reason = outcome[item.index]
         progress.counts[name] += 1
-        rows.append(
-            {
-                "run_id": progress.run_id,
-                "item_index": item.index,
-                "input": item.raw,
-                "contact_id": results[item.index][0],
-                "outcome": name,
-                "reason": reason,
-            }
-        )
+        stored.append(StoredItem(item.index, item.raw, results[item.index][0], name, reason))
     progress.total += len(items)
-    await repo.insert_run_items(session, rows)
+    await repo.insert_run_items(session, progress.run_id, stored)
     await repo.set_run_totals(session, progress.run_id, progress.total, progress.counts)
 
 
@@ -212,15 +203,6 @@ async def _resolve(
     return results
 
 
-@dataclass(frozen=True)
-class RunItemView:
-    index: int
-    input: dict[str, Any]
-    contact_id: uuid.UUID | None
-    outcome: str
-    reason: str | None
-
-
 async def get_run(session: AsyncSession, org_id: uuid.UUID, sequence_ref: str, run_ref: str) -> Run:
     sequence = await get_sequence(session, org_id, sequence_ref)
     run_id = parse_uuid(run_ref)
@@ -239,7 +221,7 @@ async def list_run_items(
     outcome: str | None,
     cursor: str | None,
     limit: int,
-) -> tuple[list[RunItemView], str | None]:
+) -> tuple[list[StoredItem], str | None]:
     run = await get_run(session, org_id, sequence_ref, run_ref)
     position = decode_cursor(cursor)
     after = -1
@@ -248,22 +230,18 @@ async def list_run_items(
         if not isinstance(value, int) or isinstance(value, bool):
             raise Invalid("cursor: not a cursor issued by this API")
         after = value
-    views: list[RunItemView]
+    views: list[StoredItem]
     if run.kind == "start":
         if outcome not in (None, "added"):
             return [], None
         pairs = await repo.list_start_run_items(session, run.id, after_index=after, limit=limit)
         views = [
-            RunItemView(index, {"id": str(contact_id)}, contact_id, "added", None)
+            StoredItem(index, {"id": str(contact_id)}, contact_id, "added", None)
             for index, contact_id in pairs
         ]
     else:
-        rows = await repo.list_run_items(
+        views = await repo.list_run_items(
             session, run.id, outcome=outcome, after_index=after, limit=limit
         )
-        views = [
-            RunItemView(row.item_index, row.input, row.contact_id, row.outcome, row.reason)
-            for row in rows
-        ]
     next_cursor = encode_cursor({"i": views[-1].index}) if len(views) == limit else None
     return views, next_cursor
