@@ -7,7 +7,10 @@ from fastapi import FastAPI
 
 from opensequence.api.app import create_app
 from opensequence.config import Settings
+from opensequence.heap import settle
 
 
 def app() -> FastAPI:
-    return create_app(Settings())
+    application = create_app(Settings())
+    settle()
+    return application

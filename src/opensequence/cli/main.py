@@ -15,6 +15,7 @@ from opensequence.cli.contacts import contacts_app
 from opensequence.db import Database
 from opensequence.db.migrate import upgrade as migrate
 from opensequence.db.types import iso
+from opensequence.heap import settle
 
 app = typer.Typer(
     help="OpenSequence: self-hostable outbound sequencing engine.",
@@ -64,9 +65,9 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     if key:
         typer.echo(f"API key: {key}")
     typer.echo(f"OpenSequence listening on http://{host}:{port} (docs at /docs)")
-    uvicorn.run(
-        create_app(settings, background=_serve_background()), host=host, port=port, log_config=None
-    )
+    application = create_app(settings, background=_serve_background())
+    settle()
+    uvicorn.run(application, host=host, port=port, log_config=None)
 
 
 def _serve_background() -> list[BackgroundFactory]:
@@ -104,6 +105,8 @@ def worker(
     if metrics_port is not None:
         registry = CollectorRegistry()
         start_http_server(metrics_port, addr="127.0.0.1", registry=registry)
+
+    settle()
 
     async def work(db: Database) -> None:
         await run_worker(

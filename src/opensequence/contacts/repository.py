@@ -109,7 +109,7 @@ async def ids_by_phone(
     return found
 
 
-@dataclass
+@dataclass(slots=True)
 class NewContact:
     """A contact to insert, with its pre-generated id and already-normalized identifiers."""
 

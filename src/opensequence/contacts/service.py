@@ -29,7 +29,7 @@ _MAX_ROUNDS = 5
 _PRIMARY_ONLY_ROUND = 3
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class IdentifierInput:
     id: uuid.UUID | None = None
     email: str | None = None  # already validated against the seed pattern by the caller
@@ -38,13 +38,13 @@ class IdentifierInput:
     custom_data: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ResolvedContact:
     contact_id: uuid.UUID | None  # None: not found (id not in org, or no usable identifier)
     created: bool  # True only for the one item whose insert created it
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Key:
     """The deciding identifier of one item: ``kind`` is id, email or phone; ``None`` = nobody."""
 

@@ -21,7 +21,7 @@ _NAME = TypeAdapter(Name)
 _CUSTOM = TypeAdapter(CustomData)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Item:
     """One request item after validation. ``kind`` is the identifier that decides resolution
     (id, then email, then phone_number); the others are kept for a contact it creates."""

@@ -23,7 +23,7 @@ PAGE_SIZE = 1000
 OUTCOME_BITS = {name: 1 << position for position, name in enumerate(OUTCOMES)}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StoredItem:
     index: int
     input: dict[str, Any]
