@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,7 +16,7 @@ from opensequence.contacts.identity import normalize_email, normalize_phone
 from opensequence.contacts.lookup import get_contact
 from opensequence.contacts.repository import NewContact
 from opensequence.contacts.schemas import ContactInput, ContactOut
-from opensequence.db.types import iso, new_id
+from opensequence.db.types import iso, new_id, new_ids
 from opensequence.errors import Conflict, Invalid, NotFound
 from opensequence.models import Contact
 from opensequence.pagination import decode_cursor, encode_cursor
@@ -27,6 +27,22 @@ _MAX_ROUNDS = 5
 # From this round on, created rows carry only their deciding identifier: a secondary
 # identifier that keeps colliding with concurrent inserts is dropped rather than retried.
 _PRIMARY_ONLY_ROUND = 3
+
+
+class Identifiers(Protocol):
+    """What ``resolve_contacts`` reads from an item (an :class:`IdentifierInput` or the
+    add-contacts request's own items, passed as they are)."""
+
+    @property
+    def id(self) -> uuid.UUID | None: ...
+    @property
+    def email(self) -> str | None: ...
+    @property
+    def phone_number(self) -> str | None: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def custom_data(self) -> dict[str, Any] | None: ...
 
 
 @dataclass(slots=True)
@@ -52,7 +68,7 @@ class _Key:
     value: Any
 
 
-def _deciding_key(item: IdentifierInput) -> _Key | None:
+def _deciding_key(item: Identifiers) -> _Key | None:
     if item.id is not None:
         return _Key("id", item.id)
     if item.email is not None:
@@ -64,7 +80,7 @@ def _deciding_key(item: IdentifierInput) -> _Key | None:
 
 
 def _plan(
-    items: Sequence[IdentifierInput],
+    items: Sequence[Identifiers],
     keys: Sequence[_Key | None],
     known_ids: set[uuid.UUID],
     by_email: dict[str, uuid.UUID],
@@ -105,9 +121,11 @@ def _plan(
                 if phone_key is not None and phone_key not in phones:
                     phone = phone_key
         row = NewContact(
-            id=new_id(),
+            id=_ID_PENDING,
             email=email,
-            email_normalized=normalize_email(email) if email is not None else None,
+            email_normalized=key.value
+            if key.kind == "email"
+            else (normalize_email(email) if email is not None else None),
             phone_number=phone,
             name=item.name,
             custom_data=dict(item.custom_data or {}),
@@ -118,13 +136,19 @@ def _plan(
             phones[row.phone_number] = row
         rows.append(row)
         targets.append(row)
+    for row, contact_id in zip(rows, new_ids(len(rows)), strict=True):
+        row.id = contact_id
     return targets, rows
+
+
+# Planned rows get their ids in one batch once planning is done.
+_ID_PENDING = uuid.UUID(int=0)
 
 
 async def resolve_contacts(
     session: AsyncSession,
     org_id: uuid.UUID,
-    items: Sequence[IdentifierInput],
+    items: Sequence[Identifiers],
     *,
     now: datetime,
 ) -> list[ResolvedContact]:
@@ -137,9 +161,9 @@ async def resolve_contacts(
     ``created`` is True only for the first item naming a contact this call inserted. Existing
     contacts are never modified. Never raises for identifier conflicts.
 
-    Set-based: per round, chunked ``SELECT … IN`` for ids, emails and phones, then chunked
-    ``INSERT … ON CONFLICT DO NOTHING RETURNING id`` of the planned rows — a handful of
-    statements whatever the size. A planned row that was not inserted lost a race with a
+    Set-based: per round, one ``SELECT`` each for ids, emails and phones, then an
+    ``INSERT … ON CONFLICT DO NOTHING`` of the planned rows — a handful of statements
+    whatever the size. A planned row that was not inserted lost a race with a
     concurrent transaction that inserted the same email or phone; the next round re-selects
     (now seeing the winner's committed row) and re-plans. Rows inserted in earlier rounds are
     found by that re-select, so nothing is created twice.

@@ -48,6 +48,18 @@ def new_id() -> uuid.UUID:
     return uuid.UUID(int=_uuid7_int())
 
 
+def new_ids(count: int) -> list[uuid.UUID]:
+    """``count`` UUIDv7s sharing one timestamp, from a single read of the random source (the
+    bulk paths need 10,000 at a time; one ``os.urandom`` call per id was half their cost)."""
+    prefix = ((time.time_ns() // 1_000_000) & ((1 << 48) - 1)) << 80 | 0x7 << 76 | 0b10 << 62
+    random = os.urandom(10 * count)
+    ids: list[uuid.UUID] = []
+    for offset in range(0, 10 * count, 10):
+        rand = int.from_bytes(random[offset : offset + 10], "big")
+        ids.append(uuid.UUID(int=prefix | ((rand >> 62) & 0xFFF) << 64 | (rand & ((1 << 62) - 1))))
+    return ids
+
+
 def _uuid7_int() -> int:
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")

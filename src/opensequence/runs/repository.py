@@ -14,7 +14,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.bulk import sqlite_datetime, sqlite_executemany, sqlite_uuid
-from opensequence.db.types import UTCDateTime
+from opensequence.db.types import UTCDateTime, new_ids
 from opensequence.models import Contact, Enrollment, Run, RunItemPage, SequenceStep
 from opensequence.runs.pages import OUTCOME_BITS, StoredItem, pack, select_items
 
@@ -107,7 +107,6 @@ async def insert_enrollments(
     contact_ids: Sequence[uuid.UUID],
     due_at: datetime,
     now: datetime,
-    new_id: Any,
 ) -> set[uuid.UUID]:
     """Enroll the contacts; returns those actually enrolled. The unique (sequence, contact)
     constraint decides ``already_enrolled``, also against a concurrent request enrolling the
@@ -115,7 +114,7 @@ async def insert_enrollments(
     if not contact_ids:
         return set()
     if session.get_bind().dialect.name == "postgresql":
-        ids = [new_id() for _ in contact_ids]
+        ids = new_ids(len(contact_ids))
         result = await session.execute(
             _ENROLL_UNNEST,
             {
@@ -132,7 +131,7 @@ async def insert_enrollments(
     # SQLite: the driver's executemany with values converted once per column. A contact
     # already in the sequence hits the unique (sequence, contact) constraint and is skipped;
     # when that happened the ids that did get written are read back.
-    ids = [new_id() for _ in contact_ids]
+    ids = new_ids(len(contact_ids))
     org, sequence, run = sqlite_uuid(org_id), sqlite_uuid(sequence_id), sqlite_uuid(run_id)
     due, stamp = sqlite_datetime(due_at), sqlite_datetime(now)
     written = await sqlite_executemany(

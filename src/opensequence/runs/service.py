@@ -11,8 +11,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opensequence.contacts.service import IdentifierInput, resolve_contacts
-from opensequence.db.types import new_id
+from opensequence.contacts.service import resolve_contacts
 from opensequence.errors import Conflict, Invalid, NotFound
 from opensequence.filters import ContactFacts, explain, parse_filter, referenced_sequence_ids
 from opensequence.models import Run, Sequence
@@ -149,7 +148,6 @@ async def process_items(
         contact_ids=eligible,
         due_at=now + timedelta(minutes=delay),
         now=now,
-        new_id=new_id,
     )
     for contact_id in eligible:
         index = first_seen[contact_id]
@@ -173,34 +171,14 @@ async def process_items(
 async def _resolve(
     session: AsyncSession, org_id: uuid.UUID, items: list[Item], now: datetime
 ) -> dict[int, tuple[uuid.UUID | None, bool]]:
-    """``item index → (contact id or None, created)``. Items are handed to the contacts
-    service in one call (its bulk resolve is set-based); a blank phone number identifies
-    nobody and is answered here without a lookup."""
-    results: dict[int, tuple[uuid.UUID | None, bool]] = {}
-    wanted: list[Item] = []
-    for item in items:
-        if item.kind == "phone_number" and not (item.phone_number or "").strip():
-            results[item.index] = (None, False)
-        else:
-            wanted.append(item)
-    resolved = await resolve_contacts(
-        session,
-        org_id,
-        [
-            IdentifierInput(
-                id=item.id,
-                email=item.email,
-                phone_number=item.phone_number if (item.phone_number or "").strip() else None,
-                name=item.name,
-                custom_data=item.custom_data,
-            )
-            for item in wanted
-        ],
-        now=now,
-    )
-    for item, found in zip(wanted, resolved, strict=True):
-        results[item.index] = (found.contact_id, found.created)
-    return results
+    """``item index → (contact id or None, created)``. The items go to the contacts service as
+    they are, in one call (its bulk resolve is set-based); a blank phone number identifies
+    nobody there."""
+    resolved = await resolve_contacts(session, org_id, items, now=now)
+    return {
+        item.index: (found.contact_id, found.created)
+        for item, found in zip(items, resolved, strict=True)
+    }
 
 
 async def get_run(session: AsyncSession, org_id: uuid.UUID, sequence_ref: str, run_ref: str) -> Run:
