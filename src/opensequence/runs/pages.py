@@ -6,7 +6,8 @@ the listing needs to skip pages without reading them: the first and last item in
 bitmask of the outcomes present. Reading ``?outcome=…&cursor=…&limit=…`` then touches only pages
 past the cursor that hold that outcome.
 
-An item is stored as ``[index, input, contact_id or null, outcome, reason or null]``.
+An item is stored as ``[index, input, contact id (32 hex digits) or null, outcome, reason or
+null]``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def pack(items: Sequence[StoredItem], size: int = PAGE_SIZE) -> list[Page]:
                 [
                     item.index,
                     item.input,
-                    None if item.contact_id is None else str(item.contact_id),
+                    None if item.contact_id is None else item.contact_id.hex,
                     item.outcome,
                     item.reason,
                 ]
