@@ -65,7 +65,6 @@ from opensequence.mail.message import (
     build_message,
     domain_of,
     make_message_id,
-    to_bytes,
 )
 from opensequence.mail.render import TemplateError, render
 from opensequence.mail.transports import Transport
@@ -404,9 +403,7 @@ class Worker:
                     message_row=row_id,
                     message_attempts=attempts,
                     first_attempt_at=first_at,
-                    outgoing=Outgoing(
-                        rendered["from_email"], rendered["to_email"], to_bytes(message)
-                    ),
+                    outgoing=Outgoing(rendered["from_email"], rendered["to_email"], message),
                     next_delay=None if next_step is None else float(next_step.delay_in_minutes),
                     one_off=not sequence.is_continuous,
                 )
