@@ -24,7 +24,9 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    ColumnElement,
     Table,
+    any_,
     bindparam,
     exists,
     func,
@@ -33,6 +35,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.conflict import insert_ignoring_conflicts
@@ -170,57 +173,121 @@ async def stamp_steps_started(
     )
 
 
+def _grouped(
+    changes: Seq[dict[str, Any]],
+) -> tuple[list[tuple[dict[str, Any], list[Any]]], list[dict[str, Any]]]:
+    """Changes that differ only in ``b_id`` become one set-based statement each (``id IN …``);
+    what is left (one row per distinct change) goes out as one executemany."""
+    groups: dict[tuple[Any, ...], tuple[dict[str, Any], list[Any]]] = {}
+    for change in changes:
+        key = tuple(value for name, value in change.items() if name != "b_id")
+        found = groups.get(key)
+        if found is None:
+            groups[key] = (change, [change["b_id"]])
+        else:
+            found[1].append(change["b_id"])
+    sets = [(change, ids) for change, ids in groups.values() if len(ids) > 1]
+    singles = [change for change, ids in groups.values() if len(ids) == 1]
+    return sets, singles
+
+
+def _id_in(session: AsyncSession, column: Any, ids: list[Any]) -> ColumnElement[bool]:
+    """``column IN ids``; on PostgreSQL ``column = ANY(:array)``, one bind parameter."""
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        return column == any_(bindparam(None, ids, type_=postgresql.ARRAY(column.type)))
+    return column.in_(ids)
+
+
 async def update_messages(
     session: AsyncSession, changes: Seq[dict[str, Any]], now: datetime
 ) -> None:
-    """``changes``: ``{b_id, b_status, b_reason, b_attempted (0|1), b_sent_at}`` per row."""
+    """``changes``: ``{b_id, b_status, b_reason, b_attempted (0|1), b_sent_at}`` per row. Rows
+    with the same outcome (a chunk of sends that all went out) take one statement together."""
     if not changes:
         return
     m = MESSAGES.c
     connection = await session.connection()
-    await connection.execute(
-        update(MESSAGES)
-        .where(m.id == bindparam("b_id"))
-        .values(
-            status=bindparam("b_status"),
-            reason=bindparam("b_reason"),
-            attempts=m.attempts + bindparam("b_attempted"),
-            sent_at=bindparam("b_sent_at", type_=m.sent_at.type),
-            updated_at=now,
-        ),
-        list(changes),
-    )
+    sets, singles = _grouped(changes)
+    for change, ids in sets:
+        await connection.execute(
+            update(MESSAGES)
+            .where(_id_in(session, m.id, ids))
+            .values(
+                status=change["b_status"],
+                reason=change["b_reason"],
+                attempts=m.attempts + change["b_attempted"],
+                sent_at=change["b_sent_at"],
+                updated_at=now,
+            )
+        )
+    if singles:
+        await connection.execute(
+            update(MESSAGES)
+            .where(m.id == bindparam("b_id"))
+            .values(
+                status=bindparam("b_status"),
+                reason=bindparam("b_reason"),
+                attempts=m.attempts + bindparam("b_attempted"),
+                sent_at=bindparam("b_sent_at", type_=m.sent_at.type),
+                updated_at=now,
+            ),
+            singles,
+        )
 
 
 async def update_enrollments(
     session: AsyncSession, changes: Seq[dict[str, Any]], *, worker: str, now: datetime
 ) -> None:
     """Move claimed enrollments on and release their lease, each guarded by the claim it came
-    from: ``{b_id, b_claimed_step, b_status, b_step, b_next_at, b_waiting, b_attempts}``."""
+    from: ``{b_id, b_claimed_step, b_status, b_step, b_next_at, b_waiting, b_attempts}``.
+    Enrollments moving the same way (a chunk advanced past the same step with the same delay)
+    take one statement together; the guard is the same per row either way."""
     if not changes:
         return
     e = ENROLLMENTS.c
     connection = await session.connection()
-    await connection.execute(
-        update(ENROLLMENTS)
-        .where(
-            e.id == bindparam("b_id"),
-            e.locked_by == worker,
-            e.current_step == bindparam("b_claimed_step"),
-            e.status == "active",
+    sets, singles = _grouped(changes)
+    for change, ids in sets:
+        await connection.execute(
+            update(ENROLLMENTS)
+            .where(
+                _id_in(session, e.id, ids),
+                e.locked_by == worker,
+                e.current_step == change["b_claimed_step"],
+                e.status == "active",
+            )
+            .values(
+                status=change["b_status"],
+                current_step=change["b_step"],
+                next_step_at=change["b_next_at"],
+                waiting_reason=change["b_waiting"],
+                attempts=change["b_attempts"],
+                locked_until=None,
+                locked_by=None,
+                updated_at=now,
+            )
         )
-        .values(
-            status=bindparam("b_status"),
-            current_step=bindparam("b_step"),
-            next_step_at=bindparam("b_next_at", type_=e.next_step_at.type),
-            waiting_reason=bindparam("b_waiting"),
-            attempts=bindparam("b_attempts"),
-            locked_until=None,
-            locked_by=None,
-            updated_at=now,
-        ),
-        list(changes),
-    )
+    if singles:
+        await connection.execute(
+            update(ENROLLMENTS)
+            .where(
+                e.id == bindparam("b_id"),
+                e.locked_by == worker,
+                e.current_step == bindparam("b_claimed_step"),
+                e.status == "active",
+            )
+            .values(
+                status=bindparam("b_status"),
+                current_step=bindparam("b_step"),
+                next_step_at=bindparam("b_next_at", type_=e.next_step_at.type),
+                waiting_reason=bindparam("b_waiting"),
+                attempts=bindparam("b_attempts"),
+                locked_until=None,
+                locked_by=None,
+                updated_at=now,
+            ),
+            singles,
+        )
 
 
 async def release(session: AsyncSession, ids: Iterable[uuid.UUID], *, worker: str) -> None:
