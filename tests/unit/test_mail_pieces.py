@@ -20,7 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opensequence.mail.errors import PermanentSendError, TransientSendError
-from opensequence.mail.message import SMTP_POLICY, build_message, format_from, html_to_text
+from opensequence.mail.message import (
+    SMTP_POLICY,
+    _parsed_parts,
+    _scanned_parts,
+    build_message,
+    format_from,
+    html_to_text,
+)
 from opensequence.mail.render import TemplateError, render
 from opensequence.mail.transports import transport_from_url
 from opensequence.mail.transports.maildir import MaildirTransport
@@ -186,6 +193,43 @@ def test_message_bytes_are_what_the_stdlib_generator_writes(
     assert raw == _stdlib_message(**fields, boundary=boundary.group(1).decode())  # type: ignore[arg-type]
     body = raw.partition(b"\r\n\r\n")[2]
     assert all(len(line) <= 998 for line in body.split(b"\r\n"))
+
+
+_SIMPLE_MARKUP = st.sampled_from(
+    [
+        "&amp;", "&lt;b&gt;", "&#39;", "&nbsp;", "&amp;lt;", "&bogus;", "&", ">",
+        "<p>", "</p>", "<P>", "<div>", "</div>", "<br>", "<br/>", "<br />", "<ul>", "<li>",
+        "</li>", "<table>", "<tr>", "</tr>", "<h1>", "</h1>", "<hr/>", "<p/>", "<b>", "</b>",
+        '<a href="https://x.y/z?a=1&amp;b=2">', '<a HREF="U">', '<a href="">', "<a href>",
+        '<a href="1" href="2">', '<a class="c" href="h">', "<a>", "</a>", "</A>",
+        '<span class="x" data-y="1">', "</span>", '<img src="i.png" alt="&quot;">',
+    ]
+)  # fmt: skip
+_OTHER_MARKUP = st.sampled_from(
+    [
+        "</P >", "<a href='single'>", "<a href=x>", "<p\x0bclass=\"q\">", "<p\x0b>",
+        "<script>x<p>y</script>", "<style>p{}</style>", "<title>t</title>",
+        "<head><title>t</title></head>", "<textarea><p></textarea>", "<!-- c -->",
+        "<!DOCTYPE html>", "<?pi?>", "< p>", "a < b", "</>", "<1>", "<",
+    ]
+)  # fmt: skip
+_TEXT_RUN = st.text(alphabet=st.sampled_from(list("ab \t\n\r&;#\x0b\x1c\xa0é")), max_size=8)
+_MARKUP = st.one_of(
+    st.lists(st.one_of(_TEXT_RUN, _SIMPLE_MARKUP), max_size=14),
+    st.lists(st.one_of(_TEXT_RUN, _SIMPLE_MARKUP, _OTHER_MARKUP), max_size=14),
+).map("".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(body=_MARKUP)
+def test_html_to_text_scan_agrees_with_the_parser(body: str) -> None:
+    scanned = _scanned_parts(body)
+    assert scanned is None or scanned == _parsed_parts(body)
+
+
+def test_html_to_text_scan_covers_plain_email_markup() -> None:
+    body = '<p>Hi &amp; bye,</p><ul><li>one</li></ul><a href="https://x.y/z">link</a><br/>'
+    assert _scanned_parts(body) == _parsed_parts(body)
 
 
 def test_html_to_text_drops_style_and_script() -> None:

@@ -99,11 +99,79 @@ class _TextExtractor(HTMLParser):
             self.parts.append(_SPACES.sub(" ", data))
 
 
-def html_to_text(body: str) -> str:
+# The simple markup of most email bodies: text without "<", start tags whose attributes are
+# whitespace-separated names with optional double-quoted values, and end tags written exactly
+# "</name>". For such a body a regular-expression scan makes the same calls the parser would;
+# anything else (comments, declarations, raw-text elements, other attribute syntax, a stray
+# "<") goes through HTMLParser. A property test holds the two against each other.
+_WS = "[ \t\n\r\f]"
+_TOKEN = re.compile(
+    rf"([^<]+)"
+    rf"|<([a-zA-Z][a-zA-Z0-9]*)((?:{_WS}+[a-zA-Z][a-zA-Z0-9-]*(?:=\"[^\"<>]*\")?)*){_WS}*(/?)>"
+    rf"|</([a-zA-Z][a-zA-Z0-9]*)>"
+)
+_ATTRIBUTE = re.compile(rf"{_WS}+([a-zA-Z][a-zA-Z0-9-]*)(?:=\"([^\"<>]*)\")?")
+_RAW_TEXT = {
+    "script", "style", "head", "title", "textarea", "xmp", "iframe", "noembed", "noframes",
+    "noscript", "plaintext",
+}  # fmt: skip
+
+
+def _href(attributes: str) -> str | None:
+    """The last ``href`` as HTMLParser reports it: None without "=", unescaped otherwise."""
+    found: str | None = None
+    for name, value in _ATTRIBUTE.findall(attributes):
+        if name.lower() == "href":
+            found = html.unescape(value) if value else value
+    return found
+
+
+def _scanned_parts(body: str) -> list[str] | None:
+    """What :class:`_TextExtractor` collects, for bodies in the simple subset; else None."""
+    parts: list[str] = []
+    href: str | None = None
+    position, end = 0, len(body)
+    while position < end:
+        match = _TOKEN.match(body, position)
+        if match is None:
+            return None
+        position = match.end()
+        text, start, attributes, closed, stop = match.groups()
+        if text is not None:
+            parts.append(_SPACES.sub(" ", html.unescape(text)))
+            continue
+        tag = (start if start is not None else stop).lower()
+        if tag in _RAW_TEXT:
+            return None
+        if start is not None:
+            if tag in _BLOCK:
+                parts.append("\n")
+            if tag == "li":
+                parts.append("- ")
+            if tag == "a":
+                href = _href(attributes)
+            if not closed:
+                continue
+        if tag in _BLOCK:
+            parts.append("\n")
+        if tag == "a" and href:
+            parts.append(f" ({href})")
+            href = None
+    return parts
+
+
+def _parsed_parts(body: str) -> list[str]:
     parser = _TextExtractor()
     parser.feed(body)
     parser.close()
-    lines = [line.strip() for line in "".join(parser.parts).splitlines()]
+    return parser.parts
+
+
+def html_to_text(body: str) -> str:
+    parts = _scanned_parts(body)
+    if parts is None:
+        parts = _parsed_parts(body)
+    lines = [line.strip() for line in "".join(parts).splitlines()]
     text = "\n".join(lines)
     return html.unescape(_BLANK_LINES.sub("\n\n", text)).strip() + "\n"
 
