@@ -75,7 +75,7 @@ _PIECES = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(
     pieces=st.lists(_PIECES, max_size=6),
     context=st.dictionaries(_KEYS, _VALUES, max_size=5),

@@ -61,7 +61,9 @@ class Claimed:
 async def claim_due(
     session: AsyncSession, *, now: datetime, worker: str, lease: timedelta, limit: int
 ) -> list[Claimed]:
-    """Lease up to ``limit`` due enrollments to ``worker``, oldest due first."""
+    """Lease up to ``limit`` due enrollments to ``worker``, oldest due first, in one
+    ``UPDATE … RETURNING`` over a ``LIMIT`` subquery (its rows locked with ``FOR UPDATE SKIP
+    LOCKED`` on PostgreSQL; SQLite's single writer holds the lock already)."""
     e = ENROLLMENTS.c
     due = (
         select(e.id)
@@ -74,13 +76,16 @@ async def claim_due(
         .limit(limit)
     )
     if session.bind is not None and session.bind.dialect.name == "postgresql":
+        # ``= ANY(ARRAY(subquery))``: the candidates are selected (and locked) once, as an
+        # init plan. Under ``IN (subquery)`` the planner may rescan the subquery per row, and
+        # with SKIP LOCKED each rescan can find other rows: more than ``limit`` get claimed.
         due = due.with_for_update(skip_locked=True)
-    ids = list((await session.scalars(due)).all())
-    if not ids:
-        return []
+        wanted = e.id == any_(func.array(due.scalar_subquery()))
+    else:
+        wanted = e.id.in_(due.scalar_subquery())
     result = await session.execute(
         update(ENROLLMENTS)
-        .where(e.id.in_(ids), e.status == "active")
+        .where(wanted, e.status == "active")
         .values(locked_until=now + lease, locked_by=worker)
         .returning(e.id, e.org_id, e.sequence_id, e.contact_id, e.current_step, e.attempts)
     )
@@ -102,7 +107,7 @@ async def load_steps(
 ) -> dict[uuid.UUID, list[Any]]:
     st = STEPS.c
     rows = await session.execute(
-        select(st.sequence_id, st.step_index, st.action, st.delay_in_minutes)
+        select(st.sequence_id, st.step_index, st.action, st.delay_in_minutes, st.started_at)
         .where(st.sequence_id.in_(set(sequence_ids)))
         .order_by(st.sequence_id, st.step_index)
     )
@@ -122,12 +127,15 @@ async def load_contacts(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict
     return {row.id: row for row in rows}
 
 
-async def insert_messages(session: AsyncSession, rows: Seq[dict[str, Any]]) -> None:
+async def insert_messages(session: AsyncSession, rows: Seq[dict[str, Any]]) -> set[uuid.UUID]:
     """Insert send records; a (enrollment, step) that already has one keeps it (a resend after a
-    crash or a retry reuses that row and its Message-ID)."""
-    if rows:
-        statement = insert_ignoring_conflicts(session, MESSAGES, ["enrollment_id", "step_index"])
-        await session.execute(statement, list(rows))
+    crash or a retry reuses that row and its Message-ID). Returns the ids of the rows this call
+    wrote (``RETURNING`` reports no row for a conflict)."""
+    if not rows:
+        return set()
+    statement = insert_ignoring_conflicts(session, MESSAGES, ["enrollment_id", "step_index"])
+    result = await session.execute(statement.returning(MESSAGES.c.id), list(rows))
+    return set(result.scalars().all())
 
 
 async def load_messages(

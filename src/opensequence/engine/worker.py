@@ -362,19 +362,27 @@ class Worker:
             new_rows = [r for r in new_rows if r["enrollment_id"] not in waits]
         inserted = {r["id"] for r in new_rows}
         await throttle.reserve(session, (p[1] for p in pending if p[1] not in inserted), now)
-        await repo.insert_messages(session, new_rows)
+        ours = await repo.insert_messages(session, new_rows)
         if new_rows:
-            stored = await repo.load_messages(
-                session, ((r["enrollment_id"], r["step_index"]) for r in new_rows)
-            )
-            ours = {row.id for row in stored.values()}
             lost = {r["enrollment_id"] for r in new_rows if r["id"] not in ours}
             if lost:
                 log.warning("%d send records were written by another worker; skipping", len(lost))
                 pending = [p for p in pending if p[0].id not in lost]
                 enrollment_changes = [c for c in enrollment_changes if c["b_id"] not in lost]
+        not_started = {
+            (row.sequence_id, row.step_index)
+            for rows in steps.values()
+            for row in rows
+            if row.started_at is None
+        }
         await repo.stamp_steps_started(
-            session, ((seq, step) for eid, seq, step in started if eid not in waits), now
+            session,
+            (
+                (seq, step)
+                for eid, seq, step in started
+                if eid not in waits and (seq, step) in not_started
+            ),
+            now,
         )
         await repo.update_messages(session, message_changes, now)
         await repo.update_enrollments(session, enrollment_changes, worker=self.id, now=now)

@@ -73,12 +73,18 @@ def _parsed(source: str, html: bool) -> tuple[Any, Plan | None]:
     return template, _plan(template)
 
 
+def _newlines(text: str) -> str:
+    """Liquid's output stream translates newlines as universal-newlines text does, one write
+    (one node's output) at a time."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
 def _substitute(plan: Plan, context: dict[str, Any], html: bool) -> str | None:
     """The plan's output, or None when Liquid has to decide (see the module docstring)."""
     pieces: list[str] = []
     for part in plan:
         if type(part) is str:
-            pieces.append(part)
+            pieces.append(_newlines(part))
             continue
         value: Any = context
         for key in part:
@@ -86,16 +92,13 @@ def _substitute(plan: Plan, context: dict[str, Any], html: bool) -> str | None:
                 return None
             value = value[key]
         if type(value) is str:
-            pieces.append(escape(value) if html else value)
+            pieces.append(_newlines(escape(value) if html else value))
         elif type(value) is int:
             pieces.append(str(value))
         elif value is not None:
             return None
     out = "".join(pieces)
-    if len(out) > _PLAN_MAX_CHARS:
-        return None
-    # Liquid's output stream translates newlines as universal-newlines text does.
-    return out.replace("\r\n", "\n").replace("\r", "\n") if "\r" in out else out
+    return out if len(out) <= _PLAN_MAX_CHARS else None
 
 
 def render(source: str, context: dict[str, Any], *, html: bool) -> str:
