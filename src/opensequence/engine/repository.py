@@ -25,13 +25,18 @@ from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
+    DateTime,
+    Integer,
     Table,
+    Text,
+    Uuid,
     any_,
     bindparam,
     exists,
     func,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
@@ -127,12 +132,52 @@ async def load_contacts(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict
     return {row.id: row for row in rows}
 
 
+_MESSAGE_COLUMNS = (
+    ("id", Uuid()),
+    ("org_id", Uuid()),
+    ("enrollment_id", Uuid()),
+    ("sequence_id", Uuid()),
+    ("contact_id", Uuid()),
+    ("step_index", Integer()),
+    ("from_email", Text()),
+    ("to_email", Text()),
+    ("status", Text()),
+    ("reason", Text()),
+    ("message_id", Text()),
+    ("attempts", Integer()),
+    ("created_at", DateTime(timezone=True)),
+    ("updated_at", DateTime(timezone=True)),
+)
+_NAMES = ", ".join(name for name, _ in _MESSAGE_COLUMNS)
+_INSERT_MESSAGES_UNNEST = (
+    text(
+        f"INSERT INTO messages ({_NAMES}) "
+        f"SELECT {_NAMES} FROM unnest("
+        + ", ".join(f":{name}" for name, _ in _MESSAGE_COLUMNS)
+        + f") AS t({_NAMES}) "
+        "ON CONFLICT (enrollment_id, step_index) DO NOTHING RETURNING id"
+    )
+    .bindparams(*(bindparam(name, type_=postgresql.ARRAY(kind)) for name, kind in _MESSAGE_COLUMNS))
+    .columns(id=Uuid())
+)
+
+
 async def insert_messages(session: AsyncSession, rows: Seq[dict[str, Any]]) -> set[uuid.UUID]:
     """Insert send records; a (enrollment, step) that already has one keeps it (a resend after a
     crash or a retry reuses that row and its Message-ID). Returns the ids of the rows this call
-    wrote (``RETURNING`` reports no row for a conflict)."""
+    wrote (``RETURNING`` reports no row for a conflict).
+
+    PostgreSQL: one ``INSERT … SELECT FROM unnest(arrays)``, one array parameter per column (a
+    multi-row VALUES with a placeholder per value cost ~130 us per row in the driver's query
+    rewriting). SQLite: a multi-row VALUES insert."""
     if not rows:
         return set()
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        result = await session.execute(
+            _INSERT_MESSAGES_UNNEST,
+            {name: [row[name] for row in rows] for name, _ in _MESSAGE_COLUMNS},
+        )
+        return set(result.scalars().all())
     statement = insert_ignoring_conflicts(session, MESSAGES, ["enrollment_id", "step_index"])
     result = await session.execute(statement.returning(MESSAGES.c.id), list(rows))
     return set(result.scalars().all())
