@@ -33,7 +33,7 @@ from opensequence.config import Settings
 from opensequence.db import Database
 from opensequence.db.migrate import upgrade
 from opensequence.engine.worker import Worker
-from opensequence.mail.message import build_message, to_bytes
+from opensequence.mail.message import build_message
 from opensequence.mail.transports import transport_from_url
 
 
@@ -52,17 +52,15 @@ async def raw_loop(port: int, messages: int, concurrency: int) -> float:
     """The ceiling: pre-built messages, ``concurrency`` connections each sending its share."""
     now = datetime.now(UTC)
     built = [
-        to_bytes(
-            build_message(
-                from_email="bench@example.com",
-                sender_name="Bench",
-                to_email=f"person{i}@example.org",
-                subject=f"Step 0 for person{i}@example.org",
-                html_body=f"<p>Hello Person {i},</p><p>plan pro</p>",
-                message_id=f"<raw-{i}@example.com>",
-                date=now,
-                unsubscribe_url="http://127.0.0.1:8000/unsubscribe/x",
-            )
+        build_message(
+            from_email="bench@example.com",
+            sender_name="Bench",
+            to_email=f"person{i}@example.org",
+            subject=f"Step 0 for person{i}@example.org",
+            html_body=f"<p>Hello Person {i},</p><p>plan pro</p>",
+            message_id=f"<raw-{i}@example.com>",
+            date=now,
+            unsubscribe_url="http://127.0.0.1:8000/unsubscribe/x",
         )
         for i in range(messages)
     ]

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
+from email.charset import QP, Charset
+from email.header import Header
 from email.message import EmailMessage
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.utils import format_datetime
 
 import aiosmtplib
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from opensequence.mail.errors import PermanentSendError, TransientSendError
-from opensequence.mail.message import build_message, html_to_text, to_bytes
+from opensequence.mail.message import (
+    SMTP_POLICY,
+    _parsed_parts,
+    _scanned_parts,
+    build_message,
+    format_from,
+    html_to_text,
+)
 from opensequence.mail.render import TemplateError, render
 from opensequence.mail.transports import transport_from_url
 from opensequence.mail.transports.maildir import MaildirTransport
@@ -61,7 +76,7 @@ def test_rendering_is_plain_data_only() -> None:
 
 
 def test_message_has_both_parts_and_one_click_headers() -> None:
-    built = build_message(
+    raw = build_message(
         from_email="a@example.com",
         sender_name="Team",
         to_email="b@example.org",
@@ -71,7 +86,6 @@ def test_message_has_both_parts_and_one_click_headers() -> None:
         date=datetime(2026, 1, 1, tzinfo=UTC),
         unsubscribe_url="https://h/unsubscribe/t",
     )
-    raw = to_bytes(built)
     message = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(message, EmailMessage)
     assert message["Subject"] == "Hi there"
@@ -86,7 +100,7 @@ def test_message_has_both_parts_and_one_click_headers() -> None:
 
 
 def test_non_ascii_names_and_subjects_are_encoded() -> None:
-    built = build_message(
+    raw = build_message(
         from_email="a@example.com",
         sender_name="Zoë",
         to_email="b@example.org",
@@ -96,7 +110,6 @@ def test_non_ascii_names_and_subjects_are_encoded() -> None:
         date=datetime(2026, 1, 1, tzinfo=UTC),
         unsubscribe_url=None,
     )
-    raw = to_bytes(built)
     assert raw.isascii()
     message = email.message_from_bytes(raw, policy=email.policy.default)
     assert message["Subject"] == "Grüße"
@@ -104,6 +117,119 @@ def test_non_ascii_names_and_subjects_are_encoded() -> None:
     assert message["List-Unsubscribe"] is None
     html = message.get_body(("html",))
     assert html is not None and html.get_content() == "<p>" + "é" * 3000 + "</p>"
+
+
+def _stdlib_message(
+    *,
+    from_email: str,
+    sender_name: str | None,
+    to_email: str,
+    subject: str,
+    html_body: str,
+    message_id: str,
+    date: datetime,
+    unsubscribe_url: str | None,
+    boundary: str,
+) -> bytes:
+    """The reference: the same message built as a ``Message`` tree and flattened by the stdlib
+    generator (how ``build_message`` worked before it assembled the bytes itself)."""
+    utf8_qp = Charset("utf-8")
+    utf8_qp.body_encoding = QP
+    subject = " ".join(subject.splitlines())
+    message = MIMEMultipart("alternative", boundary=boundary)
+    message["From"] = format_from(sender_name, from_email)
+    message["To"] = to_email
+    message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8").encode()
+    message["Date"] = format_datetime(date)
+    message["Message-ID"] = message_id
+    if unsubscribe_url:
+        message["List-Unsubscribe"] = f"<{unsubscribe_url}>"
+        message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    message.attach(MIMEText(html_to_text(html_body), "plain", utf8_qp))  # type: ignore[arg-type]
+    message.attach(MIMEText(html_body, "html", utf8_qp))  # type: ignore[arg-type]
+    return message.as_bytes(policy=SMTP_POLICY)
+
+
+_TEXT = st.lists(
+    st.one_of(
+        st.sampled_from(["\r", "\n", "\r\n", " ", "\t", "=", ".", "From ", "<p>", "</p>", "é"]),
+        st.text(st.characters(codec="utf-8"), max_size=20),
+        st.text("ab", min_size=70, max_size=200),
+    ),
+    max_size=30,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sender_name=st.one_of(st.none(), _TEXT),
+    local=st.from_regex(r"[a-z0-9._+-]{1,70}", fullmatch=True),
+    subject=_TEXT,
+    html_body=st.one_of(_TEXT, st.text(alphabet="ab =\t\né<>", min_size=60, max_size=2000)),
+    unsubscribe=st.one_of(st.none(), st.from_regex(r"https://[a-z.]{1,900}/u/[A-Za-z0-9_-]{1,60}")),
+    offset=st.integers(min_value=-720, max_value=840),
+)
+def test_message_bytes_are_what_the_stdlib_generator_writes(
+    sender_name: str | None,
+    local: str,
+    subject: str,
+    html_body: str,
+    unsubscribe: str | None,
+    offset: int,
+) -> None:
+    fields = {
+        "from_email": f"{local}@example.com",
+        "sender_name": sender_name,
+        "to_email": f"{local}@example.org",
+        "subject": subject,
+        "html_body": html_body,
+        "message_id": f"<{uuid.uuid4()}@example.com>",
+        "date": datetime(2026, 3, 29, 1, 30, tzinfo=timezone(timedelta(minutes=offset))),
+        "unsubscribe_url": unsubscribe,
+    }
+    raw = build_message(**fields)  # type: ignore[arg-type]
+    boundary = re.search(rb'boundary="([^"]+)"', raw)
+    assert boundary is not None
+    assert raw == _stdlib_message(**fields, boundary=boundary.group(1).decode())  # type: ignore[arg-type]
+    body = raw.partition(b"\r\n\r\n")[2]
+    assert all(len(line) <= 998 for line in body.split(b"\r\n"))
+
+
+_SIMPLE_MARKUP = st.sampled_from(
+    [
+        "&amp;", "&lt;b&gt;", "&#39;", "&nbsp;", "&amp;lt;", "&bogus;", "&", ">",
+        "<p>", "</p>", "<P>", "<div>", "</div>", "<br>", "<br/>", "<br />", "<ul>", "<li>",
+        "</li>", "<table>", "<tr>", "</tr>", "<h1>", "</h1>", "<hr/>", "<p/>", "<b>", "</b>",
+        '<a href="https://x.y/z?a=1&amp;b=2">', '<a HREF="U">', '<a href="">', "<a href>",
+        '<a href="1" href="2">', '<a class="c" href="h">', "<a>", "</a>", "</A>",
+        '<span class="x" data-y="1">', "</span>", '<img src="i.png" alt="&quot;">',
+    ]
+)  # fmt: skip
+_OTHER_MARKUP = st.sampled_from(
+    [
+        "</P >", "<a href='single'>", "<a href=x>", "<p\x0bclass=\"q\">", "<p\x0b>",
+        "<script>x<p>y</script>", "<style>p{}</style>", "<title>t</title>",
+        "<head><title>t</title></head>", "<textarea><p></textarea>", "<!-- c -->",
+        "<!DOCTYPE html>", "<?pi?>", "< p>", "a < b", "</>", "<1>", "<",
+    ]
+)  # fmt: skip
+_TEXT_RUN = st.text(alphabet=st.sampled_from(list("ab \t\n\r&;#\x0b\x1c\xa0é")), max_size=8)
+_MARKUP = st.one_of(
+    st.lists(st.one_of(_TEXT_RUN, _SIMPLE_MARKUP), max_size=14),
+    st.lists(st.one_of(_TEXT_RUN, _SIMPLE_MARKUP, _OTHER_MARKUP), max_size=14),
+).map("".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(body=_MARKUP)
+def test_html_to_text_scan_agrees_with_the_parser(body: str) -> None:
+    scanned = _scanned_parts(body)
+    assert scanned is None or scanned == _parsed_parts(body)
+
+
+def test_html_to_text_scan_covers_plain_email_markup() -> None:
+    body = '<p>Hi &amp; bye,</p><ul><li>one</li></ul><a href="https://x.y/z">link</a><br/>'
+    assert _scanned_parts(body) == _parsed_parts(body)
 
 
 def test_html_to_text_drops_style_and_script() -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from liquid.exceptions import LiquidError
 
-from opensequence.mail.templates import TemplateSyntaxError, compile_template
+from opensequence.mail.render import TemplateError, render
+from opensequence.mail.templates import TemplateEnvironment, TemplateSyntaxError, compile_template
 
 
 def test_renders_contact_values_with_defaults() -> None:
@@ -39,3 +42,58 @@ def test_runaway_loops_are_cut_off() -> None:
     )
     with pytest.raises(LiquidError):
         template.render()
+
+
+_KEYS = st.sampled_from(["a", "b", "c", "size", "first", "last"])
+_VALUES = st.recursive(
+    st.one_of(
+        st.text(alphabet=st.sampled_from(list("ab <>&\"'\r\n\té")), max_size=12),
+        st.integers(min_value=-(10**6), max_value=10**6),
+        st.booleans(),
+        st.none(),
+        st.floats(allow_nan=False, allow_infinity=False, width=32),
+    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_KEYS, inner, max_size=4)),
+    max_leaves=8,
+)
+_PIECES = st.one_of(
+    st.text(alphabet=st.sampled_from(list("xy <&\r\n")), max_size=6),
+    st.lists(_KEYS, min_size=1, max_size=3).map(lambda keys: "{{ " + ".".join(keys) + " }}"),
+    st.lists(_KEYS, min_size=1, max_size=2).map(lambda keys: "{{- " + ".".join(keys) + " -}}"),
+    st.sampled_from(
+        [
+            "{{ a | upcase }}",
+            "{{ a[0] }}",
+            "{{ a['b'] }}",
+            "{% if a %}t{% endif %}",
+            "{% assign a = 'z' %}",
+            "{{ 'lit' }}",
+            "{{ 3 }}",
+            "{% raw %}{{ a }}{% endraw %}",
+        ]
+    ),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    pieces=st.lists(_PIECES, max_size=6),
+    context=st.dictionaries(_KEYS, _VALUES, max_size=5),
+    html=st.booleans(),
+)
+def test_substitution_plans_render_exactly_as_liquid(
+    pieces: list[str], context: dict[str, object], html: bool
+) -> None:
+    """``render`` takes a shortcut for plain substitutions; its result (or its failure) must be
+    Liquid's own for every template and context."""
+    source = "".join(pieces)
+    expected: str | type[Exception]
+    try:
+        expected = TemplateEnvironment(autoescape=html).from_string(source).render(**context)
+    except LiquidError:
+        expected = TemplateError
+    try:
+        got: str | type[Exception] = render(source, context, html=html)
+    except TemplateError:
+        got = TemplateError
+    assert got == expected
