@@ -29,6 +29,7 @@ from _common import (
     seed,
     subprocess_env,
 )
+from opensequence.cli.common import run_async
 from opensequence.config import Settings
 from opensequence.db import Database
 from opensequence.db.migrate import upgrade
@@ -176,4 +177,5 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--skip-pg", action="store_true")
     args = parser.parse_args()
-    asyncio.run(main(args.messages, args.concurrency, args.skip_pg))
+    # The event loop `opensequence worker` runs on (uvloop where installed), for both sides.
+    run_async(main(args.messages, args.concurrency, args.skip_pg))
