@@ -34,9 +34,21 @@ MAX_STEPS = 100
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
+# A lone surrogate: JSON's "\ud800" escape decodes to one, and neither UTF-8 nor PostgreSQL can
+# store it (a phone number carrying one answered 500).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_lone_surrogate(value: str) -> bool:
+    return _SURROGATE.search(value) is not None
+
+
 def reject_control_chars(value: str) -> str:
+    """Text we store: no C0 controls (SPEC §1) and valid Unicode."""
     if _CONTROL.search(value):
         raise ValueError("must not contain control characters")
+    if has_lone_surrogate(value):
+        raise ValueError("must be valid Unicode (no lone surrogates)")
     return value
 
 

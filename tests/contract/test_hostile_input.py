@@ -239,6 +239,56 @@ async def test_non_finite_numbers_are_400(
                 assert_error(response, 400, field)
 
 
+async def test_lone_surrogates_are_400(app: FastAPI, tenant: Tenant, world: dict[str, str]) -> None:
+    """JSON's ``\\ud800`` escape decodes to a lone surrogate, which neither UTF-8 nor
+    PostgreSQL can store: a phone number carrying one answered 500 on both databases and a
+    custom_data value 500 on PostgreSQL (found by a review of add-contacts)."""
+    sequence = f"/sequences/{world['sequence']}"
+    lone = "\\ud800"
+    async with Unchanged(app, tenant.client, world):
+        for method, path, document, field in [
+            (
+                "POST",
+                f"{sequence}/contacts",
+                f'{{"contacts": [{{"phone_number": "+1{lone}"}}]}}',
+                "phone_number",
+            ),
+            (
+                "POST",
+                f"{sequence}/contacts",
+                f'{{"contacts": [{{"email": "s@ex.co", "custom_data": {{"k": "{lone}"}}}}]}}',
+                "custom_data",
+            ),
+            (
+                "POST",
+                f"{sequence}/contacts",
+                f'{{"contacts": [{{"email": "s@ex.co", "custom_data": {{"{lone}": 1}}}}]}}',
+                "custom_data",
+            ),
+            ("POST", "/contacts", f'{{"contact": {{"phone_number": "+1{lone}"}}}}', "phone_number"),
+            (
+                "POST",
+                "/contacts",
+                f'{{"contact": {{"email": "s@ex.co", "custom_data": {{"k": "{lone}"}}}}}}',
+                "custom_data",
+            ),
+            (
+                "PATCH",
+                f"/contacts/{world['contact']}",
+                f'{{"contact": {{"custom_data": {{"k": "{lone}"}}}}}}',
+                "custom_data",
+            ),
+            ("PATCH", sequence, f'{{"name": "x{lone}"}}', "name"),
+        ]:
+            response = await tenant.client.request(
+                method,
+                path,
+                content=document.encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            assert_error(response, 400, field)
+
+
 async def test_ten_megabyte_fields_are_400_and_over_16_mib_is_413(
     app: FastAPI, tenant: Tenant, world: dict[str, str]
 ) -> None:

@@ -15,7 +15,13 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from opensequence.errors import Invalid, PayloadTooLarge
-from opensequence.validation import CustomData, Name, is_seed_email, is_seed_id
+from opensequence.validation import (
+    CustomData,
+    Name,
+    has_lone_surrogate,
+    is_seed_email,
+    is_seed_id,
+)
 
 _NAME = TypeAdapter(Name)
 _CUSTOM = TypeAdapter(CustomData)
@@ -81,11 +87,11 @@ def _parse_item(index: int, raw: Any) -> Item:
     phone: str | None = None
     if "phone_number" in raw:
         value = raw["phone_number"]
-        if isinstance(value, str) and "\x00" not in value:
+        if isinstance(value, str) and "\x00" not in value and not has_lone_surrogate(value):
             phone = value
         else:
             problems.append(
-                "phone_number: must be a string without NUL characters"
+                "phone_number: must be valid Unicode without NUL characters"
                 if isinstance(value, str)
                 else "phone_number: must be a string"
             )
