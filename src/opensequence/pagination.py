@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import uuid
 from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Query
@@ -33,19 +34,47 @@ def encode_cursor(position: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+BAD_CURSOR = "cursor: not a cursor issued by this API"
+
+
 def decode_cursor(cursor: str | None) -> dict[str, Any] | None:
     """The position inside ``cursor``; a cursor we did not issue → 400 naming ``cursor``."""
     if cursor is None or cursor == "":
         return None
     if len(cursor) > 1024:
-        raise Invalid("cursor: not a cursor issued by this API")
+        raise Invalid(BAD_CURSOR)
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         value = json.loads(base64.urlsafe_b64decode(padded.encode()))
     except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
-        raise Invalid("cursor: not a cursor issued by this API") from exc
+        raise Invalid(BAD_CURSOR) from exc
     if not isinstance(value, dict):
-        raise Invalid("cursor: not a cursor issued by this API")
+        raise Invalid(BAD_CURSOR)
+    return value
+
+
+# Typed reads of a decoded position: a missing key or a value of the wrong kind is a cursor we
+# did not issue (400 naming ``cursor``).
+
+
+def position_uuid(position: dict[str, Any], key: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(position[key]))
+    except (KeyError, ValueError) as exc:
+        raise Invalid(BAD_CURSOR) from exc
+
+
+def position_int(position: dict[str, Any], key: str) -> int:
+    value = position.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise Invalid(BAD_CURSOR)
+    return value
+
+
+def position_str(position: dict[str, Any], key: str) -> str:
+    value = position.get(key)
+    if not isinstance(value, str):
+        raise Invalid(BAD_CURSOR)
     return value
 
 

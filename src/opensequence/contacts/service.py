@@ -17,9 +17,9 @@ from opensequence.contacts.lookup import get_contact
 from opensequence.contacts.repository import NewContact
 from opensequence.contacts.schemas import ContactInput, ContactOut
 from opensequence.db.types import iso, new_id, new_ids
-from opensequence.errors import Conflict, Invalid, NotFound
+from opensequence.errors import Conflict, NotFound
 from opensequence.models import Contact
-from opensequence.pagination import decode_cursor, encode_cursor
+from opensequence.pagination import decode_cursor, encode_cursor, position_uuid
 from opensequence.sequences.lookup import parse_uuid
 
 # Rounds of select → insert before giving up; only concurrent writers make a round fail.
@@ -405,11 +405,7 @@ async def list_contacts(
     if phone_number is not None and phone_key is None:
         return [], None  # a blank phone identifies nobody
     position = decode_cursor(cursor)
-    after_id = None
-    if position is not None:
-        after_id = parse_uuid(str(position.get("id", "")))
-        if after_id is None:
-            raise Invalid("cursor: not a cursor issued by this API")
+    after_id = position_uuid(position, "id") if position is not None else None
     query = repository.list_query(
         org_id,
         after_id=after_id,

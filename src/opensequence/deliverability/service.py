@@ -14,7 +14,7 @@ from opensequence.contacts.lookup import get_contact
 from opensequence.deliverability import repository as repo
 from opensequence.errors import Invalid, NotFound
 from opensequence.models import SenderLimit, Suppression
-from opensequence.pagination import decode_cursor, encode_cursor
+from opensequence.pagination import decode_cursor, encode_cursor, position_str
 from opensequence.validation import is_seed_email
 
 # Stronger reasons win: an address that bounced stays bounced when it later unsubscribes.
@@ -148,9 +148,4 @@ async def list_sender_limits(
 
 def _cursor_key(cursor: str | None) -> str | None:
     position = decode_cursor(cursor)
-    if position is None:
-        return None
-    key = position.get("k")
-    if not isinstance(key, str):
-        raise Invalid("cursor: not a cursor issued by this API")
-    return key
+    return position_str(position, "k") if position is not None else None

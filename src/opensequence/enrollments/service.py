@@ -12,17 +12,8 @@ from opensequence.db.types import iso
 from opensequence.enrollments import repository
 from opensequence.enrollments.schemas import EnrollmentOut, MessageOut
 from opensequence.errors import Invalid
-from opensequence.pagination import Page, decode_cursor, encode_cursor
+from opensequence.pagination import BAD_CURSOR, Page, decode_cursor, encode_cursor, position_uuid
 from opensequence.sequences.lookup import get_sequence
-
-_BAD_CURSOR = "cursor: not a cursor issued by this API"
-
-
-def _uuid_from(position: dict[str, object], key: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(str(position[key]))
-    except (KeyError, ValueError) as exc:
-        raise Invalid(_BAD_CURSOR) from exc
 
 
 async def list_enrollments(
@@ -37,7 +28,7 @@ async def list_enrollments(
 ) -> Page[EnrollmentOut]:
     sequence = await get_sequence(session, org_id, sequence_ref)
     position = decode_cursor(cursor)
-    after = _uuid_from(position, "id") if position is not None else None
+    after = position_uuid(position, "id") if position is not None else None
     rows = await repository.list_enrollments(
         session, sequence.id, status=status, contact_id=contact_id, after_id=after, limit=limit + 1
     )
@@ -70,10 +61,10 @@ async def list_messages(
         try:
             created_at = datetime.fromisoformat(str(position["c"]).replace("Z", "+00:00"))
         except (KeyError, ValueError) as exc:
-            raise Invalid(_BAD_CURSOR) from exc
+            raise Invalid(BAD_CURSOR) from exc
         if created_at.tzinfo is None:
-            raise Invalid(_BAD_CURSOR)
-        before = (created_at, _uuid_from(position, "id"))
+            raise Invalid(BAD_CURSOR)
+        before = (created_at, position_uuid(position, "id"))
     rows = await repository.list_messages(
         session, org_id, contact.id, before=before, limit=limit + 1
     )

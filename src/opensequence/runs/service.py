@@ -12,11 +12,11 @@ from datetime import datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.contacts.service import resolve_contacts
-from opensequence.errors import Conflict, Invalid, NotFound
+from opensequence.errors import Conflict, NotFound
 from opensequence.filters import ContactFacts, explain, parse_filter, referenced_sequence_ids
 from opensequence.models import Run, Sequence
 from opensequence.models.run import OUTCOMES
-from opensequence.pagination import decode_cursor, encode_cursor
+from opensequence.pagination import decode_cursor, encode_cursor, position_int
 from opensequence.runs import repository as repo
 from opensequence.runs.intake import Item
 from opensequence.runs.pages import StoredItem
@@ -202,12 +202,7 @@ async def list_run_items(
 ) -> tuple[list[StoredItem], str | None]:
     run = await get_run(session, org_id, sequence_ref, run_ref)
     position = decode_cursor(cursor)
-    after = -1
-    if position is not None:
-        value = position.get("i")
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise Invalid("cursor: not a cursor issued by this API")
-        after = value
+    after = position_int(position, "i") if position is not None else -1
     views: list[StoredItem]
     if run.kind == "start":
         if outcome not in (None, "added"):

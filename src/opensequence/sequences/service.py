@@ -20,7 +20,7 @@ from opensequence.filters import CompositeFilter, all_contacts_output, parse_fil
 from opensequence.mail.templates import TemplateSyntaxError, compile_template
 from opensequence.models import Run, Sequence, SequenceStep
 from opensequence.models.run import OUTCOMES
-from opensequence.pagination import decode_cursor, encode_cursor
+from opensequence.pagination import decode_cursor, encode_cursor, position_uuid
 from opensequence.sequences import repository
 from opensequence.sequences.lookup import get_sequence, parse_uuid
 from opensequence.sequences.schemas import (
@@ -143,11 +143,7 @@ async def list_sequences(
     limit: int,
 ) -> dict[str, Any]:
     position = decode_cursor(cursor)
-    after_id = None
-    if position is not None:
-        after_id = parse_uuid(str(position.get("id", "")))
-        if after_id is None:
-            raise Invalid("cursor: not a cursor issued by this API")
+    after_id = position_uuid(position, "id") if position is not None else None
     rows = await repository.list_sequences(
         session, org_id, status=status, after_id=after_id, limit=limit
     )
