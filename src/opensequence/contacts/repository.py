@@ -20,11 +20,8 @@ from sqlalchemy import (
     Text,
     Uuid,
     and_,
-    any_,
     bindparam,
     delete,
-    func,
-    literal_column,
     or_,
     select,
     text,
@@ -34,6 +31,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.bulk import sqlite_datetime, sqlite_executemany, sqlite_json, sqlite_uuid
+from opensequence.db.dialect import member_of
 from opensequence.models import Contact, Enrollment, Message
 
 T = TypeVar("T")
@@ -51,66 +49,43 @@ def _is_postgresql(session: AsyncSession) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def member_of(
-    session: AsyncSession, column: Any, values: Sequence[Any], element_type: Any
-) -> ColumnElement[bool]:
-    """The condition "``column`` is one of ``values``" with a single bound parameter whatever
-    the number of values, so neither the driver nor SQLAlchemy handles thousands of
-    placeholders (measured: that, not the database, dominated a 10,000-row resolve).
-
-    PostgreSQL: ``column = ANY(:array)``. SQLite: ``column IN (SELECT value FROM
-    json_each(:json))``, the values in their stored form (a ``Uuid`` as 32 hex digits).
-    """
-    if _is_postgresql(session):
-        return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(element_type)))
-    stored = [value.hex for value in values] if isinstance(element_type, Uuid) else list(values)
-    members: Select[Any] = select(literal_column("value")).select_from(
-        func.json_each(bindparam(None, json.dumps(stored), type_=Text()))
-    )
-    return column.in_(members.scalar_subquery())
-
-
 async def existing_ids(
     session: AsyncSession, org_id: uuid.UUID, ids: Iterable[uuid.UUID]
 ) -> set[uuid.UUID]:
     wanted = sorted(set(ids))
-    found: set[uuid.UUID] = set()
-    if wanted:
-        condition = member_of(session, Contact.id, wanted, Uuid())
-        found.update(
-            await session.scalars(select(Contact.id).where(Contact.org_id == org_id, condition))
+    if not wanted:
+        return set()
+    condition = member_of(session, Contact.id, wanted)
+    return set(await session.scalars(select(Contact.id).where(Contact.org_id == org_id, condition)))
+
+
+async def _ids_by(
+    session: AsyncSession, org_id: uuid.UUID, column: Any, keys: Iterable[str]
+) -> dict[str, uuid.UUID]:
+    """``key → id`` for those of ``keys`` found in ``column`` within the organization."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return {}
+    rows = await session.execute(
+        select(column, Contact.id).where(
+            Contact.org_id == org_id, member_of(session, column, wanted)
         )
-    return found
+    )
+    return {str(key): contact_id for key, contact_id in rows}
 
 
 async def ids_by_email(
     session: AsyncSession, org_id: uuid.UUID, normalized: Iterable[str]
 ) -> dict[str, uuid.UUID]:
     """``email_normalized → id`` for those of ``normalized`` that exist in the organization."""
-    wanted = sorted(set(normalized))
-    found: dict[str, uuid.UUID] = {}
-    if wanted:
-        condition = member_of(session, Contact.email_normalized, wanted, Text())
-        rows = await session.execute(
-            select(Contact.email_normalized, Contact.id).where(Contact.org_id == org_id, condition)
-        )
-        found.update({str(key): contact_id for key, contact_id in rows})
-    return found
+    return await _ids_by(session, org_id, Contact.email_normalized, normalized)
 
 
 async def ids_by_phone(
     session: AsyncSession, org_id: uuid.UUID, phones: Iterable[str]
 ) -> dict[str, uuid.UUID]:
     """``phone_number → id`` for those of ``phones`` (already normalized) that exist."""
-    wanted = sorted(set(phones))
-    found: dict[str, uuid.UUID] = {}
-    if wanted:
-        condition = member_of(session, Contact.phone_number, wanted, Text())
-        rows = await session.execute(
-            select(Contact.phone_number, Contact.id).where(Contact.org_id == org_id, condition)
-        )
-        found.update({str(key): contact_id for key, contact_id in rows})
-    return found
+    return await _ids_by(session, org_id, Contact.phone_number, phones)
 
 
 @dataclass(slots=True)

@@ -190,8 +190,8 @@ async def resolve_contacts(
     known_ids = await repository.existing_ids(session, org_id, ids) if ids else set()
     created_ids: set[uuid.UUID] = set()
     for round_number in range(_MAX_ROUNDS):
-        by_email = await repository.ids_by_email(session, org_id, email_keys) if email_keys else {}
-        by_phone = await repository.ids_by_phone(session, org_id, phone_keys) if phone_keys else {}
+        by_email = await repository.ids_by_email(session, org_id, email_keys)
+        by_phone = await repository.ids_by_phone(session, org_id, phone_keys)
         targets, rows = _plan(
             items,
             keys,

@@ -24,7 +24,6 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
-    ColumnElement,
     DateTime,
     Integer,
     Table,
@@ -44,6 +43,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.conflict import insert_ignoring_conflicts
+from opensequence.db.dialect import member_of
 from opensequence.models import Contact, Enrollment, Message, Sequence, SequenceStep
 
 ENROLLMENTS = cast(Table, Enrollment.__table__)
@@ -244,13 +244,6 @@ def _grouped(
     return sets, singles
 
 
-def _id_in(session: AsyncSession, column: Any, ids: list[Any]) -> ColumnElement[bool]:
-    """``column IN ids``; on PostgreSQL ``column = ANY(:array)``, one bind parameter."""
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        return column == any_(bindparam(None, ids, type_=postgresql.ARRAY(column.type)))
-    return column.in_(ids)
-
-
 async def update_messages(
     session: AsyncSession, changes: Seq[dict[str, Any]], now: datetime
 ) -> None:
@@ -264,7 +257,7 @@ async def update_messages(
     for change, ids in sets:
         await connection.execute(
             update(MESSAGES)
-            .where(_id_in(session, m.id, ids))
+            .where(member_of(session, m.id, ids))
             .values(
                 status=change["b_status"],
                 reason=change["b_reason"],
@@ -304,7 +297,7 @@ async def update_enrollments(
         await connection.execute(
             update(ENROLLMENTS)
             .where(
-                _id_in(session, e.id, ids),
+                member_of(session, e.id, ids),
                 e.locked_by == worker,
                 e.current_step == change["b_claimed_step"],
                 e.status == "active",

@@ -1,29 +1,22 @@
 """All SQL of runs and add-contacts. Bulk statements only: a request of 10,000 items costs a
-handful of statements (chunked where a single statement would exceed the drivers' parameter
-limits), never a round trip per item."""
+handful of statements (lists of values bound as one parameter, see ``db.dialect.member_of``),
+never a round trip per item."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import Uuid, and_, bindparam, insert, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.bulk import sqlite_datetime, sqlite_executemany, sqlite_uuid
+from opensequence.db.dialect import member_of
 from opensequence.db.types import UTCDateTime, new_ids
 from opensequence.models import Contact, Enrollment, Run, RunItemPage, SequenceStep
 from opensequence.runs.pages import OUTCOME_BITS, StoredItem, pack, select_items
-
-CHUNK = 2000
-
-
-def chunks(values: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
 
 
 async def first_step_delay(session: AsyncSession, sequence_id: uuid.UUID) -> float:
@@ -39,16 +32,14 @@ async def contact_facts(
     session: AsyncSession, org_id: uuid.UUID, contact_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, tuple[str | None, datetime]]:
     """``id → (email, created_at)`` for the given contacts of the organization."""
-    facts: dict[uuid.UUID, tuple[str | None, datetime]] = {}
-    for part in chunks(contact_ids):
-        rows = await session.execute(
-            select(Contact.id, Contact.email, Contact.created_at).where(
-                Contact.org_id == org_id, Contact.id.in_(part)
-            )
+    if not contact_ids:
+        return {}
+    rows = await session.execute(
+        select(Contact.id, Contact.email, Contact.created_at).where(
+            Contact.org_id == org_id, member_of(session, Contact.id, contact_ids)
         )
-        for contact_id, email, created_at in rows:
-            facts[contact_id] = (email, created_at)
-    return facts
+    )
+    return {contact_id: (email, created_at) for contact_id, email, created_at in rows}
 
 
 async def enrolled_sequences(
@@ -62,14 +53,14 @@ async def enrolled_sequences(
     found: dict[uuid.UUID, set[uuid.UUID]] = {}
     if not wanted or not contact_ids:
         return found
-    for part in chunks(contact_ids):
-        rows = await session.execute(
-            select(Enrollment.contact_id, Enrollment.sequence_id).where(
-                Enrollment.contact_id.in_(part), Enrollment.sequence_id.in_(wanted)
-            )
+    rows = await session.execute(
+        select(Enrollment.contact_id, Enrollment.sequence_id).where(
+            member_of(session, Enrollment.contact_id, contact_ids),
+            Enrollment.sequence_id.in_(wanted),
         )
-        for contact_id, sequence_id in rows:
-            found.setdefault(contact_id, set()).add(sequence_id)
+    )
+    for contact_id, sequence_id in rows:
+        found.setdefault(contact_id, set()).add(sequence_id)
     return found
 
 
@@ -161,12 +152,8 @@ async def insert_enrollments(
     )
     if written == len(ids):
         return set(contact_ids)
-    enrolled: set[uuid.UUID] = set()
-    for part in chunks(ids):
-        enrolled.update(
-            await session.scalars(select(Enrollment.contact_id).where(Enrollment.id.in_(part)))
-        )
-    return enrolled
+    written_ids = select(Enrollment.contact_id).where(member_of(session, Enrollment.id, ids))
+    return set(await session.scalars(written_ids))
 
 
 _ENROLLMENT_COLUMNS = (
