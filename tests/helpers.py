@@ -11,6 +11,21 @@ from fastapi import FastAPI
 from opensequence.auth import service as auth
 from opensequence.db import Database
 
+# An email step for API tests: one rendered field, due 30 minutes after enrollment.
+STEP = {
+    "action": {
+        "type": "send_emails",
+        "data": {
+            "from_email": "team@example.com",
+            "email_subject": "Hello {{ contact.name }}",
+            "email_body": "<p>Hi</p>",
+            "email_sender_name": "Team",
+            "email_is_transactional": False,
+        },
+    },
+    "delay_in_minutes": 30,
+}
+
 
 def http_client(app: FastAPI, key: str | None = None) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {key}"} if key else {}

@@ -13,21 +13,7 @@ from sqlalchemy import func, select
 
 from opensequence.models import Contact, Enrollment, Run, RunItemPage
 from opensequence.validation import SEED_EMAIL_PATTERN, SEED_ID_PATTERN
-from tests.helpers import Tenant, assert_error
-
-STEP = {
-    "action": {
-        "type": "send_emails",
-        "data": {
-            "from_email": "team@example.com",
-            "email_subject": "Hello {{ contact.name }}",
-            "email_body": "<p>Hi</p>",
-            "email_sender_name": "Team",
-            "email_is_transactional": False,
-        },
-    },
-    "delay_in_minutes": 30,
-}
+from tests.helpers import STEP, Tenant, assert_error
 
 
 async def create_sequence(client: httpx.AsyncClient, **fields: Any) -> str:

@@ -18,21 +18,7 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from opensequence.models import Base
-from tests.helpers import Tenant, assert_error
-
-STEP = {
-    "action": {
-        "type": "send_emails",
-        "data": {
-            "from_email": "team@example.com",
-            "email_subject": "Hello {{ contact.name }}",
-            "email_body": "<p>Hi</p>",
-            "email_sender_name": "Team",
-            "email_is_transactional": False,
-        },
-    },
-    "delay_in_minutes": 30,
-}
+from tests.helpers import STEP, Tenant, assert_error
 
 SQL = "'; DROP TABLE contacts; --"
 SQL_VARIANTS = [

@@ -32,6 +32,7 @@ from opensequence.api.app import create_app
 from opensequence.auth import service as auth
 from opensequence.config import Settings
 from opensequence.db import Database
+from tests.helpers import STEP
 
 MAX_EXAMPLES = 25
 SEEDED_EXAMPLES = 10
@@ -42,19 +43,6 @@ CHECKS = [
     content_type_conformance,
     response_schema_conformance,
 ]
-STEP = {
-    "action": {
-        "type": "send_emails",
-        "data": {
-            "from_email": "team@example.com",
-            "email_subject": "Hello {{ contact.name }}",
-            "email_body": "<p>Hi</p>",
-            "email_sender_name": "Team",
-            "email_is_transactional": False,
-        },
-    },
-    "delay_in_minutes": 30,
-}
 
 
 async def _create_key(database_url: str) -> str:

@@ -28,21 +28,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from opensequence.auth.service import SCOPES
-from tests.helpers import Tenant, assert_error, http_client, make_tenant
-
-STEP = {
-    "action": {
-        "type": "send_emails",
-        "data": {
-            "from_email": "team@example.com",
-            "email_subject": "Hello {{ contact.name }}",
-            "email_body": "<p>Hi</p>",
-            "email_sender_name": "Team",
-            "email_is_transactional": False,
-        },
-    },
-    "delay_in_minutes": 30,
-}
+from tests.helpers import STEP, Tenant, assert_error, http_client, make_tenant
 
 # Routes that need no API key; they must never carry organization data.
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs-assets"}

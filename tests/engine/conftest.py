@@ -1,11 +1,15 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
 import pytest
 
 from opensequence.clock import ManualClock
+from opensequence.config import Settings
+from opensequence.db import Database
+from opensequence.engine.worker import Worker
+from tests.engine.factories import make_worker
 from tests.engine.sink import Sink, SinkServer
 
 
@@ -18,3 +22,17 @@ def clock() -> ManualClock:
 def sink() -> Iterator[SinkServer]:
     with SinkServer(Sink()) as server:
         yield server
+
+
+@pytest.fixture
+async def smtp_settings(settings: Settings, sink: SinkServer) -> Settings:
+    return settings.model_copy(update={"mail_url": sink.url})
+
+
+@pytest.fixture
+async def worker(
+    db: Database, smtp_settings: Settings, clock: ManualClock
+) -> AsyncIterator[Worker]:
+    made = make_worker(db, smtp_settings, clock)
+    yield made
+    await made.transport.aclose()

@@ -7,8 +7,18 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from opensequence.clock import ManualClock
+from opensequence.config import Settings
 from opensequence.db import Database
+from opensequence.engine.worker import Worker
+from opensequence.mail.transports import transport_from_url
 from opensequence.models import Contact, Enrollment, Organization, Run, Sequence, SequenceStep
+
+
+def make_worker(db: Database, settings: Settings, clock: ManualClock, **kw: Any) -> Worker:
+    """A worker on the settings' transport, four sends at a time, moved by ``clock``."""
+    transport = transport_from_url(settings.mail_url, pool_size=4)
+    return Worker(db, transport, settings, clock=clock, concurrency=4, **kw)
 
 
 def email_step(

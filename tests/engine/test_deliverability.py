@@ -25,30 +25,10 @@ from opensequence.clock import ManualClock
 from opensequence.config import Settings
 from opensequence.db import Database
 from opensequence.engine.worker import Worker
-from opensequence.mail.transports import transport_from_url
 from opensequence.models import Message, Sequence
-from tests.engine.factories import email_step, enroll, make_contacts, make_sequence
+from tests.engine.factories import email_step, enroll, make_contacts, make_sequence, make_worker
 from tests.engine.sink import Sink, SinkServer
 from tests.helpers import Tenant, http_client
-
-
-def make_worker(db: Database, settings: Settings, clock: ManualClock, **kw: Any) -> Worker:
-    transport = transport_from_url(settings.mail_url, pool_size=4)
-    return Worker(db, transport, settings, clock=clock, concurrency=4, **kw)
-
-
-@pytest.fixture
-async def smtp_settings(settings: Settings, sink: SinkServer) -> Settings:
-    return settings.model_copy(update={"mail_url": sink.url})
-
-
-@pytest.fixture
-async def worker(
-    db: Database, smtp_settings: Settings, clock: ManualClock
-) -> AsyncIterator[Worker]:
-    made = make_worker(db, smtp_settings, clock)
-    yield made
-    await made.transport.aclose()
 
 
 @pytest.fixture

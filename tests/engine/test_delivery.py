@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import mailbox
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from sqlalchemy import delete, select, update
 
 from opensequence.clock import ManualClock
@@ -26,27 +24,9 @@ from tests.engine.factories import (
     make_contacts,
     make_org,
     make_sequence,
+    make_worker,
 )
 from tests.engine.sink import Sink, SinkServer
-
-
-def make_worker(db: Database, settings: Settings, clock: ManualClock, **kw: object) -> Worker:
-    transport = transport_from_url(settings.mail_url, pool_size=4)
-    return Worker(db, transport, settings, clock=clock, concurrency=4, **kw)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def smtp_settings(settings: Settings, sink: SinkServer) -> Settings:
-    return settings.model_copy(update={"mail_url": sink.url})
-
-
-@pytest.fixture
-async def worker(
-    db: Database, smtp_settings: Settings, clock: ManualClock
-) -> AsyncIterator[Worker]:
-    made = make_worker(db, smtp_settings, clock)
-    yield made
-    await made.transport.aclose()
 
 
 async def messages_of(db: Database, enrollment_id: uuid.UUID) -> list[Message]:
