@@ -17,13 +17,14 @@ Concurrency hazards and how each statement handles them:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    ColumnElement,
     DateTime,
     Integer,
     Table,
@@ -226,11 +227,20 @@ async def stamp_steps_started(
     )
 
 
-def _grouped(
+# Reads a change's field: the row's own value for a set-based statement, or a bind parameter
+# (with the column's type where a datetime needs it) for the per-row executemany.
+Field = Callable[..., Any]
+
+
+async def _update_grouped(
+    session: AsyncSession,
     changes: Seq[dict[str, Any]],
-) -> tuple[list[tuple[dict[str, Any], list[Any]]], list[dict[str, Any]]]:
-    """Changes that differ only in ``b_id`` become one set-based statement each (``id IN …``);
-    what is left (one row per distinct change) goes out as one executemany."""
+    table: Table,
+    statement: Callable[[Field, ColumnElement[bool]], Any],
+) -> None:
+    """Apply per-row ``changes`` (each with ``b_id``): changes that differ only in ``b_id`` go
+    out as one set-based statement (``id`` is one of them), the rest as one executemany.
+    ``statement(field, match)`` builds the UPDATE for both forms."""
     groups: dict[tuple[Any, ...], tuple[dict[str, Any], list[Any]]] = {}
     for change in changes:
         key = tuple(value for name, value in change.items() if name != "b_id")
@@ -239,9 +249,23 @@ def _grouped(
             groups[key] = (change, [change["b_id"]])
         else:
             found[1].append(change["b_id"])
-    sets = [(change, ids) for change, ids in groups.values() if len(ids) > 1]
-    singles = [change for change, ids in groups.values() if len(ids) == 1]
-    return sets, singles
+    connection = await session.connection()
+    singles: list[dict[str, Any]] = []
+    for change, ids in groups.values():
+        if len(ids) == 1:
+            singles.append(change)
+            continue
+
+        def own(name: str, _type: Any = None, change: dict[str, Any] = change) -> Any:
+            return change[name]
+
+        await connection.execute(statement(own, member_of(session, table.c.id, ids)))
+    if singles:
+
+        def bound(name: str, type_: Any = None) -> Any:
+            return bindparam(name, type_=type_)
+
+        await connection.execute(statement(bound, table.c.id == bindparam("b_id")), singles)
 
 
 async def update_messages(
@@ -249,36 +273,23 @@ async def update_messages(
 ) -> None:
     """``changes``: ``{b_id, b_status, b_reason, b_attempted (0|1), b_sent_at}`` per row. Rows
     with the same outcome (a chunk of sends that all went out) take one statement together."""
-    if not changes:
-        return
     m = MESSAGES.c
-    connection = await session.connection()
-    sets, singles = _grouped(changes)
-    for change, ids in sets:
-        await connection.execute(
+
+    def statement(field: Field, match: ColumnElement[bool]) -> Any:
+        return (
             update(MESSAGES)
-            .where(member_of(session, m.id, ids))
+            .where(match)
             .values(
-                status=change["b_status"],
-                reason=change["b_reason"],
-                attempts=m.attempts + change["b_attempted"],
-                sent_at=change["b_sent_at"],
+                status=field("b_status"),
+                reason=field("b_reason"),
+                attempts=m.attempts + field("b_attempted"),
+                sent_at=field("b_sent_at", m.sent_at.type),
                 updated_at=now,
             )
         )
-    if singles:
-        await connection.execute(
-            update(MESSAGES)
-            .where(m.id == bindparam("b_id"))
-            .values(
-                status=bindparam("b_status"),
-                reason=bindparam("b_reason"),
-                attempts=m.attempts + bindparam("b_attempted"),
-                sent_at=bindparam("b_sent_at", type_=m.sent_at.type),
-                updated_at=now,
-            ),
-            singles,
-        )
+
+    if changes:
+        await _update_grouped(session, changes, MESSAGES, statement)
 
 
 async def update_enrollments(
@@ -288,52 +299,31 @@ async def update_enrollments(
     from: ``{b_id, b_claimed_step, b_status, b_step, b_next_at, b_waiting, b_attempts}``.
     Enrollments moving the same way (a chunk advanced past the same step with the same delay)
     take one statement together; the guard is the same per row either way."""
-    if not changes:
-        return
     e = ENROLLMENTS.c
-    connection = await session.connection()
-    sets, singles = _grouped(changes)
-    for change, ids in sets:
-        await connection.execute(
+
+    def statement(field: Field, match: ColumnElement[bool]) -> Any:
+        return (
             update(ENROLLMENTS)
             .where(
-                member_of(session, e.id, ids),
+                match,
                 e.locked_by == worker,
-                e.current_step == change["b_claimed_step"],
+                e.current_step == field("b_claimed_step"),
                 e.status == "active",
             )
             .values(
-                status=change["b_status"],
-                current_step=change["b_step"],
-                next_step_at=change["b_next_at"],
-                waiting_reason=change["b_waiting"],
-                attempts=change["b_attempts"],
+                status=field("b_status"),
+                current_step=field("b_step"),
+                next_step_at=field("b_next_at", e.next_step_at.type),
+                waiting_reason=field("b_waiting"),
+                attempts=field("b_attempts"),
                 locked_until=None,
                 locked_by=None,
                 updated_at=now,
             )
         )
-    if singles:
-        await connection.execute(
-            update(ENROLLMENTS)
-            .where(
-                e.id == bindparam("b_id"),
-                e.locked_by == worker,
-                e.current_step == bindparam("b_claimed_step"),
-                e.status == "active",
-            )
-            .values(
-                status=bindparam("b_status"),
-                current_step=bindparam("b_step"),
-                next_step_at=bindparam("b_next_at", type_=e.next_step_at.type),
-                waiting_reason=bindparam("b_waiting"),
-                attempts=bindparam("b_attempts"),
-                locked_until=None,
-                locked_by=None,
-                updated_at=now,
-            ),
-            singles,
-        )
+
+    if changes:
+        await _update_grouped(session, changes, ENROLLMENTS, statement)
 
 
 async def release(session: AsyncSession, ids: Iterable[uuid.UUID], *, worker: str) -> None:
