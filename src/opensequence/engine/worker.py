@@ -262,11 +262,17 @@ class Worker:
             ],
         )
 
+        steps_by_index = {
+            sequence_id: {row.step_index: row for row in rows}
+            for sequence_id, rows in steps.items()
+        }
         enrollment_changes: list[dict[str, Any]] = []
         message_changes: list[dict[str, Any]] = []
         new_rows: list[dict[str, Any]] = []
         started: list[tuple[uuid.UUID, uuid.UUID, int]] = []
-        pending: list[tuple[repo.Claimed, uuid.UUID, int, datetime, _Decision, str]] = []
+        pending: list[
+            tuple[repo.Claimed, uuid.UUID, int, datetime, _Decision, str, float | None]
+        ] = []
         finished: dict[str, int] = {}
         one_off = False
 
@@ -278,7 +284,7 @@ class Worker:
             if sequence is None or sequence.status != "active" or contact is None:
                 enrollment_changes.append(_ended(item, "canceled"))
                 continue
-            by_index = {row.step_index: row for row in steps.get(item.sequence_id, [])}
+            by_index = steps_by_index.get(item.sequence_id, {})
             step = by_index.get(item.current_step)
             if step is None:
                 enrollment_changes.append(_ended(item, "completed"))
@@ -338,7 +344,7 @@ class Worker:
                     change = _message_change(row_id, decision.status, decision.reason)
                     message_changes.append(change)
             if decision.status == "sending":
-                pending.append((item, row_id, attempts, first_at, decision, message_id))
+                pending.append((item, row_id, attempts, first_at, decision, message_id, next_delay))
                 continue
             finished[decision.status] = finished.get(decision.status, 0) + 1
             enrollment_changes.append(
@@ -391,12 +397,9 @@ class Worker:
         self._count(finished)
 
         sends: list[_Send] = []
-        for item, row_id, attempts, first_at, decision, message_id in pending:
+        for item, row_id, attempts, first_at, decision, message_id, next_delay in pending:
             assert decision.rendered is not None
             rendered = decision.rendered
-            sequence = sequences[item.sequence_id]
-            by_index = {row.step_index: row for row in steps.get(item.sequence_id, [])}
-            next_step = by_index.get(item.current_step + 1)
             message = build_message(
                 from_email=rendered["from_email"],
                 sender_name=rendered["sender_name"],
@@ -414,8 +417,8 @@ class Worker:
                     message_attempts=attempts,
                     first_attempt_at=first_at,
                     outgoing=Outgoing(rendered["from_email"], rendered["to_email"], message),
-                    next_delay=None if next_step is None else float(next_step.delay_in_minutes),
-                    one_off=not sequence.is_continuous,
+                    next_delay=next_delay,
+                    one_off=not sequences[item.sequence_id].is_continuous,
                 )
             )
         return sends, one_off
