@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opensequence.db.bulk import sqlite_datetime, sqlite_executemany, sqlite_json, sqlite_uuid
+from opensequence.db.bulk import sqlite_datetime, sqlite_executemany, sqlite_uuid
 from opensequence.db.dialect import member_of
 from opensequence.models import Contact, Enrollment, Message
 
@@ -144,7 +144,7 @@ async def insert_contacts_ignoring_conflicts(
                 row.email_normalized,
                 row.phone_number,
                 row.name,
-                "{}" if not row.custom_data else sqlite_json(row.custom_data),
+                json.dumps(row.custom_data),
                 stamp,
                 stamp,
             )

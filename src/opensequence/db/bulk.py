@@ -16,7 +16,6 @@ what exists can insert without racing anyone. PostgreSQL has its own array-bound
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -35,10 +34,6 @@ def sqlite_datetime(value: datetime | None) -> str | None:
     if value.tzinfo is None:
         raise ValueError("naive datetime given to a UTC column")
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def sqlite_json(value: Any) -> str:
-    return json.dumps(value)
 
 
 async def sqlite_executemany(
