@@ -58,15 +58,21 @@ async def _accepting_sequence(
     return sequence
 
 
-async def open_run(
+async def _open_run(
     session: AsyncSession, org_id: uuid.UUID, sequence_ref: str, *, kind: str, now: datetime
-) -> RunProgress:
-    """Check the sequence takes contacts (404/409 otherwise) and create an empty run."""
+) -> tuple[Sequence, RunProgress]:
     sequence = await _accepting_sequence(session, org_id, sequence_ref)
     run_id = await repo.insert_run(
         session, org_id=org_id, sequence_id=sequence.id, kind=kind, total=0, now=now
     )
-    return RunProgress(run_id=run_id, sequence_id=sequence.id, sequence_ref=sequence_ref)
+    return sequence, RunProgress(run_id=run_id, sequence_id=sequence.id, sequence_ref=sequence_ref)
+
+
+async def open_run(
+    session: AsyncSession, org_id: uuid.UUID, sequence_ref: str, *, kind: str, now: datetime
+) -> RunProgress:
+    """Check the sequence takes contacts (404/409 otherwise) and create an empty run."""
+    return (await _open_run(session, org_id, sequence_ref, kind=kind, now=now))[1]
 
 
 async def add_contacts_to_sequence(
@@ -78,8 +84,10 @@ async def add_contacts_to_sequence(
     now: datetime,
 ) -> uuid.UUID:
     """SPEC §4 in one transaction: returns the run id; on any error nothing is written."""
-    progress = await open_run(session, org_id, sequence_ref, kind="add_contacts", now=now)
-    await process_items(session, org_id, progress, items, now=now)
+    sequence, progress = await _open_run(
+        session, org_id, sequence_ref, kind="add_contacts", now=now
+    )
+    await _process(session, org_id, sequence, progress, items, now=now)
     return progress.run_id
 
 
@@ -91,14 +99,28 @@ async def process_items(
     *,
     now: datetime,
 ) -> None:
-    """Resolve (creating missing contacts), filter, enroll; store one result row per item and
-    the run's totals. A handful of statements whatever the number of items.
+    """One batch of a run opened earlier, in its own transaction (the CSV import): the
+    sequence is checked (and locked) again, since it may have been canceled in between."""
+    sequence = await _accepting_sequence(session, org_id, str(progress.sequence_id))
+    await _process(session, org_id, sequence, progress, items, now=now)
+
+
+async def _process(
+    session: AsyncSession,
+    org_id: uuid.UUID,
+    sequence: Sequence,
+    progress: RunProgress,
+    items: list[Item],
+    *,
+    now: datetime,
+) -> None:
+    """Resolve (creating missing contacts), filter, enroll; store the items' outcomes and the
+    run's totals. A handful of statements whatever the number of items.
 
     ``already_enrolled`` is decided by the unique (sequence, contact) constraint at insert
     time, so two overlapping requests enroll each contact exactly once and each run reports
     what it actually did.
     """
-    sequence = await _accepting_sequence(session, org_id, str(progress.sequence_id))
     results = await _resolve(session, org_id, items, now)
 
     outcome: dict[int, tuple[str, str | None]] = {}
