@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import secrets
 import uuid
@@ -27,7 +26,9 @@ _MAC_BYTES = 16
 
 
 def _mac(secret: str, payload: bytes) -> bytes:
-    return hmac.new(secret.encode(), payload, hashlib.sha256).digest()[:_MAC_BYTES]
+    # ``hmac.digest`` is the one-shot C path: the same MAC as ``hmac.new(...).digest()`` at a
+    # fraction of the cost, which matters because every non-transactional send signs a token.
+    return hmac.digest(secret.encode(), payload, "sha256")[:_MAC_BYTES]
 
 
 def make_token(secret: str, org_id: uuid.UUID, contact_id: uuid.UUID) -> str:
