@@ -27,6 +27,7 @@ Time comes from an injectable :class:`~opensequence.clock.Clock`; tests drive a
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -209,22 +210,9 @@ class Worker:
         keeper = asyncio.create_task(
             self._keep_leases([s.claimed.id for s in sends], lease, renew_now=late)
         )
-        tasks = [asyncio.create_task(self._send(item, lease)) for item in sends]
         try:
-            # Record outcomes in chunks as sends complete rather than once per batch: a crash
-            # then leaves at most a chunk (plus the sends in flight) of sent-but-unrecorded
-            # messages to be resent, and the database work overlaps the sends still in flight.
-            # A chunk is 5x the concurrency: each one is a transaction, which on a loaded
-            # machine costs ~2-3 ms of the event loop's time whatever its size.
-            done: list[tuple[_Send, SendError | None]] = []
-            for next_done in asyncio.as_completed(tasks):
-                done.append(await next_done)
-                if len(done) >= self.finish_chunk:
-                    await self._finish(done)
-                    done = []
-            await self._finish(done)
+            await self._send_batch(sends, lease)
         finally:
-            await asyncio.gather(*tasks, return_exceptions=True)
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
@@ -539,18 +527,66 @@ class Worker:
                 continue
             lease.until = until
 
-    async def _send(self, item: _Send, lease: _Lease) -> tuple[_Send, SendError | None]:
-        async with self._slots:
-            if self._stopping or self.clock.now() >= lease.until:
-                return item, _NotSent("not sent: worker stopping or lease expiring")
+    async def _send_batch(self, sends: list[_Send], lease: _Lease) -> None:
+        """Send a batch through up to ``concurrency`` lanes, recording outcomes in chunks as
+        they come in.
+
+        A lane holds one of the worker's send slots (shared by the pipelines) while its batch
+        has messages left, and sends them one after another: no task or slot wait per message.
+        Outcomes are recorded every ``finish_chunk`` sends rather than once per batch: a crash
+        then leaves at most a chunk (plus the sends in flight) of sent-but-unrecorded messages
+        to be resent, and the database work overlaps the sends still in flight. A chunk is 5x
+        the concurrency: each one is a transaction, which on a loaded machine costs ~2-3 ms of
+        the event loop's time whatever its size."""
+        if not sends:
+            return
+        queue = collections.deque(sends)
+        done: list[tuple[_Send, SendError | None]] = []
+        ready = asyncio.Event()
+
+        async def lane() -> None:
             try:
-                await self.transport.send(item.outgoing)
-            except SendError as exc:
-                return item, exc
-            except Exception as exc:  # a transport bug must not lose the batch's bookkeeping
-                log.exception("transport raised an unexpected error")
-                return item, TransientSendError(f"{type(exc).__name__}: {exc}")
-            return item, None
+                if not queue:
+                    return
+                async with self._slots:
+                    while queue:
+                        done.append(await self._send(queue.popleft(), lease))
+                        if len(done) >= self.finish_chunk:
+                            ready.set()
+            finally:
+                ready.set()
+
+        lanes = [asyncio.create_task(lane()) for _ in range(min(self.concurrency, len(sends)))]
+        try:
+            while True:
+                finished = all(task.done() for task in lanes)
+                if len(done) >= self.finish_chunk or (finished and done):
+                    chunk = done[:]
+                    del done[:]
+                    await self._finish(chunk)
+                    continue
+                if finished:
+                    break
+                ready.clear()
+                await ready.wait()
+        finally:
+            outcomes = await asyncio.gather(*lanes, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                # A lane died outside a send (a bug): its claim runs out and is retried.
+                raise outcome
+
+    async def _send(self, item: _Send, lease: _Lease) -> tuple[_Send, SendError | None]:
+        if self._stopping or self.clock.now() >= lease.until:
+            return item, _NotSent("not sent: worker stopping or lease expiring")
+        try:
+            await self.transport.send(item.outgoing)
+        except SendError as exc:
+            return item, exc
+        except Exception as exc:  # a transport bug must not lose the batch's bookkeeping
+            log.exception("transport raised an unexpected error")
+            return item, TransientSendError(f"{type(exc).__name__}: {exc}")
+        return item, None
 
     async def _finish(self, results: Iterable[tuple[_Send, SendError | None]]) -> None:
         results = list(results)
