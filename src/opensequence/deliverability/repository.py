@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.dialect import insert_for
@@ -69,22 +69,6 @@ async def suppression_reasons(
         )
     )
     return {email: reason for email, reason in rows}
-
-
-async def suppression_reasons_for(
-    session: AsyncSession, pairs: Sequence[tuple[uuid.UUID, str]]
-) -> dict[tuple[uuid.UUID, str], str]:
-    """``(org_id, normalized email) → reason`` for the suppressed ones among ``pairs`` (which may
-    span organizations: a worker's claimed batch), in one statement."""
-    wanted = sorted(set(pairs), key=str)
-    if not wanted:
-        return {}
-    rows = await session.execute(
-        select(Suppression.org_id, Suppression.email_normalized, Suppression.reason).where(
-            tuple_(Suppression.org_id, Suppression.email_normalized).in_(wanted)
-        )
-    )
-    return {(org_id, email): reason for org_id, email, reason in rows}
 
 
 async def upsert_bounced(

@@ -37,7 +37,6 @@ from sqlalchemy import (
     or_,
     select,
     text,
-    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql
@@ -45,13 +44,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.conflict import insert_ignoring_conflicts
 from opensequence.db.dialect import member_of
-from opensequence.models import Contact, Enrollment, Message, Sequence, SequenceStep
+from opensequence.models import (
+    Contact,
+    Enrollment,
+    Message,
+    Sequence,
+    SequenceStep,
+    Suppression,
+)
 
 ENROLLMENTS = cast(Table, Enrollment.__table__)
 MESSAGES = cast(Table, Message.__table__)
 SEQUENCES = cast(Table, Sequence.__table__)
 STEPS = cast(Table, SequenceStep.__table__)
 CONTACTS = cast(Table, Contact.__table__)
+SUPPRESSIONS = cast(Table, Suppression.__table__)
 
 
 @dataclass(frozen=True)
@@ -124,11 +131,27 @@ async def load_steps(
 
 
 async def load_contacts(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
-    c = CONTACTS.c
+    """The batch's contacts, each with ``suppression``: the reason its address is on its
+    organization's suppression list, or None (one statement for both: the list is keyed by
+    the contact's own ``email_normalized``)."""
+    c, sup = CONTACTS.c, SUPPRESSIONS.c
     rows = await session.execute(
-        select(c.id, c.org_id, c.email, c.phone_number, c.name, c.custom_data).where(
-            c.id.in_(set(ids))
+        select(
+            c.id,
+            c.org_id,
+            c.email,
+            c.phone_number,
+            c.name,
+            c.custom_data,
+            sup.reason.label("suppression"),
         )
+        .select_from(
+            CONTACTS.outerjoin(
+                SUPPRESSIONS,
+                (sup.org_id == c.org_id) & (sup.email_normalized == c.email_normalized),
+            )
+        )
+        .where(member_of(session, c.id, list(set(ids))))
     )
     return {row.id: row for row in rows}
 
@@ -187,8 +210,9 @@ async def insert_messages(session: AsyncSession, rows: Seq[dict[str, Any]]) -> s
 async def load_messages(
     session: AsyncSession, pairs: Iterable[tuple[uuid.UUID, int]]
 ) -> dict[tuple[uuid.UUID, int], Any]:
+    """Send records that already exist for these (enrollment, step) pairs."""
     m = MESSAGES.c
-    wanted = list(pairs)
+    wanted = set(pairs)
     if not wanted:
         return {}
     rows = await session.execute(
@@ -201,9 +225,10 @@ async def load_messages(
             m.message_id,
             m.attempts,
             m.created_at,
-        ).where(tuple_(m.enrollment_id, m.step_index).in_(wanted))
+        ).where(member_of(session, m.enrollment_id, list({pair[0] for pair in wanted})))
     )
-    return {(row.enrollment_id, row.step_index): row for row in rows}
+    found = {(row.enrollment_id, row.step_index): row for row in rows}
+    return {pair: row for pair, row in found.items() if pair in wanted}
 
 
 async def stamp_steps_started(
@@ -375,7 +400,7 @@ async def recheck(
                 CONTACTS, c.id == e.contact_id
             )
         )
-        .where(e.id.in_(wanted))
+        .where(member_of(session, e.id, wanted))
     )
     return {
         row.id: Recheck(

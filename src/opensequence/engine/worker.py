@@ -46,10 +46,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.clock import Clock, SystemClock
 from opensequence.config import Settings
-from opensequence.contacts.identity import normalize_email
 from opensequence.db import Database
 from opensequence.db.types import new_id
-from opensequence.deliverability import repository as deliverability_repo
 from opensequence.deliverability.service import (
     blocking_reason,
     suppress_bounces,
@@ -241,14 +239,6 @@ class Worker:
         steps = await repo.load_steps(session, sequences)
         contacts = await repo.load_contacts(session, (c.contact_id for c in claimed))
         existing = await repo.load_messages(session, ((c.id, c.current_step) for c in claimed))
-        suppressed = await deliverability_repo.suppression_reasons_for(
-            session,
-            [
-                (contact.org_id, normalize_email(contact.email))
-                for contact in contacts.values()
-                if contact.email
-            ],
-        )
 
         steps_by_index = {
             sequence_id: {row.step_index: row for row in rows}
@@ -288,12 +278,7 @@ class Worker:
                     else _advanced(item, next_delay, now)
                 )
                 continue
-            suppression = (
-                suppressed.get((contact.org_id, normalize_email(contact.email)))
-                if contact.email
-                else None
-            )
-            decision = self._decide(item, sequence, step, contact, secret, suppression)
+            decision = self._decide(item, sequence, step, contact, secret, contact.suppression)
             if decision.status == "sending" and sequence.send_window:
                 opens = _window_opens(sequence.send_window, contact.custom_data, now)
                 if opens is not None:
