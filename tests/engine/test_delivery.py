@@ -404,3 +404,42 @@ async def test_claims_are_disjoint_and_leases_guard_advances(
         )
     state = await enrollment(db, first[0].id)
     assert (state.status, state.locked_by) == ("active", "A")
+
+
+async def test_a_step_keeps_its_first_send_record(db: Database, clock: ManualClock) -> None:
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(2)])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    enrollments = await enroll(db, org, sequence_id, contacts, now=clock.now())
+
+    def record(enrollment_id: uuid.UUID, contact_id: uuid.UUID) -> dict[str, object]:
+        row_id = uuid.uuid4()
+        return {
+            "id": row_id,
+            "org_id": org,
+            "enrollment_id": enrollment_id,
+            "sequence_id": sequence_id,
+            "contact_id": contact_id,
+            "step_index": 0,
+            "from_email": "team@acme.test",
+            "to_email": "p@x.org",
+            "status": "sending",
+            "reason": None,
+            "message_id": f"<{row_id}@acme.test>",
+            "attempts": 0,
+            "created_at": clock.now(),
+            "updated_at": clock.now(),
+        }
+
+    first = record(enrollments[0], contacts[0])
+    async with db.transaction() as session:
+        assert await repo.insert_messages(session, [first]) == {first["id"]}
+    again, other = record(enrollments[0], contacts[0]), record(enrollments[1], contacts[1])
+    async with db.transaction() as session:
+        # Only the row this call wrote is reported, the clashing one is left out.
+        assert await repo.insert_messages(session, [again, other]) == {other["id"]}
+    kept = await messages_of(db, enrollments[0])
+    assert [(m.id, m.message_id, m.status) for m in kept] == [
+        (first["id"], first["message_id"], "sending")
+    ]
+    assert kept[0].created_at == clock.now()

@@ -42,7 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opensequence.db.conflict import insert_ignoring_conflicts
+from opensequence.db.bulk import sqlite_datetime, sqlite_executemany, sqlite_uuid
 from opensequence.db.dialect import member_of
 from opensequence.models import (
     Contact,
@@ -193,7 +193,9 @@ async def insert_messages(session: AsyncSession, rows: Seq[dict[str, Any]]) -> s
 
     PostgreSQL: one ``INSERT … SELECT FROM unnest(arrays)``, one array parameter per column (a
     multi-row VALUES with a placeholder per value cost ~130 us per row in the driver's query
-    rewriting). SQLite: a multi-row VALUES insert."""
+    rewriting). SQLite: the driver's ``executemany`` of values already in their stored form
+    (:mod:`opensequence.db.bulk`); the row ids are new, so when fewer rows were written than
+    given, the ones present are this call's."""
     if not rows:
         return set()
     if session.bind is not None and session.bind.dialect.name == "postgresql":
@@ -202,9 +204,41 @@ async def insert_messages(session: AsyncSession, rows: Seq[dict[str, Any]]) -> s
             {name: [row[name] for row in rows] for name, _ in _MESSAGE_COLUMNS},
         )
         return set(result.scalars().all())
-    statement = insert_ignoring_conflicts(session, MESSAGES, ["enrollment_id", "step_index"])
-    result = await session.execute(statement.returning(MESSAGES.c.id), list(rows))
-    return set(result.scalars().all())
+    stored = _sqlite_stored_forms()
+    values = [tuple(convert(row[name]) for name, convert in stored) for row in rows]
+    written = await sqlite_executemany(session, "messages", [name for name, _ in stored], values)
+    ids = [row["id"] for row in rows]
+    if written == len(rows):
+        return set(ids)
+    found = await session.execute(
+        select(MESSAGES.c.id).where(member_of(session, MESSAGES.c.id, ids))
+    )
+    return set(found.scalars().all())
+
+
+def _sqlite_stored_forms() -> list[tuple[str, Callable[[Any], Any]]]:
+    """Each message column with the conversion to what SQLAlchemy stores for it on SQLite. A
+    batch's rows share their timestamps, so each distinct one is formatted once."""
+    forms: list[tuple[str, Callable[[Any], Any]]] = []
+    for name, kind in _MESSAGE_COLUMNS:
+        if isinstance(kind, Uuid):
+            forms.append((name, sqlite_uuid))
+        elif isinstance(kind, DateTime):
+            formatted: dict[Any, Any] = {}
+
+            def stamp(value: Any, formatted: dict[Any, Any] = formatted) -> Any:
+                if value not in formatted:
+                    formatted[value] = sqlite_datetime(value)
+                return formatted[value]
+
+            forms.append((name, stamp))
+        else:
+            forms.append((name, _same))
+    return forms
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 async def load_messages(
