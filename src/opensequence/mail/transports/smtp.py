@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 
 import aiosmtplib
@@ -79,6 +80,11 @@ class SmtpTransport:
             timeout=self.timeout,
         )
         await client.connect()
+        if client.is_ehlo_or_helo_needed:
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await client.helo()
         # From here on the send's deadline (see _watch) bounds the commands.
         client.timeout = None
         return client
@@ -102,7 +108,7 @@ class SmtpTransport:
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = loop.create_task(self._watch())
         try:
-            await client.sendmail(outgoing.sender, [outgoing.recipient], outgoing.data)
+            await _transaction(client, outgoing)
         except aiosmtplib.SMTPServerDisconnected as exc:
             if client in self._expired:
                 raise aiosmtplib.SMTPTimeoutError(f"no reply within {self.timeout:g} s") from exc
@@ -135,3 +141,26 @@ class SmtpTransport:
                 await client.quit(timeout=self.timeout)
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 client.close()
+
+
+# A dot-atom address (what the intake patterns admit): written into the envelope as is.
+_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+")
+
+
+async def _transaction(client: aiosmtplib.SMTP, outgoing: Outgoing) -> None:
+    """MAIL, RCPT and DATA for one message on an open connection.
+
+    ``sendmail`` parses each envelope address twice with ``email.utils`` and normalises the
+    message twice (once only to announce its SIZE, which is optional): ~35 us per message.
+    Plain addresses go out directly instead; anything else is left to ``sendmail``."""
+    sender, recipient = outgoing.sender, outgoing.recipient
+    if not (_PLAIN_ADDRESS.fullmatch(sender) and _PLAIN_ADDRESS.fullmatch(recipient)):
+        await client.sendmail(sender, [recipient], outgoing.data)
+        return
+    reply = await client.execute_command(b"MAIL", f"FROM:<{sender}>".encode("ascii"))
+    if reply.code != aiosmtplib.SMTPStatus.completed:
+        raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, sender)
+    reply = await client.execute_command(b"RCPT", f"TO:<{recipient}>".encode("ascii"))
+    if reply.code not in (aiosmtplib.SMTPStatus.completed, aiosmtplib.SMTPStatus.will_forward):
+        raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
+    await client.data(outgoing.data)
