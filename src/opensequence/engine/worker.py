@@ -80,15 +80,35 @@ def make_worker_id() -> str:
 
 @dataclass
 class _Send:
-    """A claimed step that needs the provider."""
+    """A claimed step that needs the provider, rendered; its MIME is built by the lane that
+    sends it (see :meth:`outgoing`)."""
 
     claimed: repo.Claimed
     message_row: uuid.UUID
     message_attempts: int
     first_attempt_at: datetime
-    outgoing: Outgoing
+    rendered: dict[str, Any]
+    message_id: str
+    date: datetime
     next_delay: float | None
     one_off: bool
+
+    def outgoing(self) -> Outgoing:
+        """The wire form. Built right before the hand-over rather than while the batch is
+        prepared: a batch's worth of MIME (several ms) in one go held up every connection's
+        replies on the event loop, and the lanes sat idle."""
+        rendered = self.rendered
+        message = build_message(
+            from_email=rendered["from_email"],
+            sender_name=rendered["sender_name"],
+            to_email=rendered["to_email"],
+            subject=rendered["subject"],
+            html_body=rendered["body"],
+            message_id=self.message_id,
+            date=self.date,
+            unsubscribe_url=rendered["unsubscribe_url"],
+        )
+        return Outgoing(rendered["from_email"], rendered["to_email"], message)
 
 
 @dataclass
@@ -372,24 +392,15 @@ class Worker:
         sends: list[_Send] = []
         for item, row_id, attempts, first_at, decision, message_id, next_delay in pending:
             assert decision.rendered is not None
-            rendered = decision.rendered
-            message = build_message(
-                from_email=rendered["from_email"],
-                sender_name=rendered["sender_name"],
-                to_email=rendered["to_email"],
-                subject=rendered["subject"],
-                html_body=rendered["body"],
-                message_id=message_id,
-                date=now,
-                unsubscribe_url=rendered["unsubscribe_url"],
-            )
             sends.append(
                 _Send(
                     claimed=item,
                     message_row=row_id,
                     message_attempts=attempts,
                     first_attempt_at=first_at,
-                    outgoing=Outgoing(rendered["from_email"], rendered["to_email"], message),
+                    rendered=decision.rendered,
+                    message_id=message_id,
+                    date=now,
                     next_delay=next_delay,
                     one_off=not sequences[item.sequence_id].is_continuous,
                 )
@@ -565,11 +576,11 @@ class Worker:
         if self._stopping or self.clock.now() >= lease.until:
             return item, _NotSent("not sent: worker stopping or lease expiring")
         try:
-            await self.transport.send(item.outgoing)
+            await self.transport.send(item.outgoing())
         except SendError as exc:
             return item, exc
-        except Exception as exc:  # a transport bug must not lose the batch's bookkeeping
-            log.exception("transport raised an unexpected error")
+        except Exception as exc:  # a bug must not lose the batch's bookkeeping
+            log.exception("building or handing over a message raised an unexpected error")
             return item, TransientSendError(f"{type(exc).__name__}: {exc}")
         return item, None
 
@@ -602,7 +613,7 @@ class Worker:
             )
             if isinstance(verdict, GiveUp):
                 if isinstance(error, PermanentSendError) and error.bounce:
-                    bounces.append((claim.org_id, item.outgoing.recipient))
+                    bounces.append((claim.org_id, item.rendered["to_email"]))
                 messages.append(
                     _message_change(item.message_row, "failed", verdict.reason, attempted=1)
                 )
