@@ -6,6 +6,7 @@ import mailbox
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import delete, select, update
 
@@ -267,6 +268,47 @@ async def test_cancel_and_contact_deletion_stop_further_sends(
         state = await enrollment(db, enrollment_id)
         assert (state.status, state.current_step, state.next_step_at) == ("canceled", 1, None)
         assert [r.step_index for r in await messages_of(db, enrollment_id)] == [0]
+
+
+async def test_a_cancel_committed_while_the_batch_was_prepared_stops_its_sends(
+    db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock
+) -> None:
+    org = await make_org(db)
+    contacts = await make_contacts(
+        db, org, [{"email": "a@example.org"}, {"email": "b@x.org"}, {"email": "c@x.org"}]
+    )
+    canceled_seq = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    other = await make_sequence(
+        db, org, [email_step()], started_at=clock.now(), is_continuous=True, name="Nurture"
+    )
+    [in_canceled] = await enroll(db, org, canceled_seq, contacts[:1], now=clock.now())
+    deleted, live = await enroll(db, org, other, contacts[1:], now=clock.now())
+
+    class CanceledMeanwhile(Worker):
+        async def _recheck(self, sends: list[Any]) -> list[Any]:
+            # The batch is claimed and its send records committed; now the cancels land.
+            assert len(sends) == 3
+            async with db.transaction() as session:
+                await session.execute(
+                    update(Sequence)
+                    .where(Sequence.id == canceled_seq)
+                    .values(status="canceled", canceled_at=clock.now())
+                )
+                await session.execute(delete(Contact).where(Contact.id == contacts[1]))
+            return await super()._recheck(sends)
+
+    transport = transport_from_url(smtp_settings.mail_url, pool_size=4)
+    worker = CanceledMeanwhile(db, transport, smtp_settings, clock=clock, concurrency=4)
+    try:
+        assert await worker.drain() == 3
+    finally:
+        await transport.aclose()
+    assert [m["To"] for m in sink.sink.received] == ["c@x.org"]
+    for enrollment_id in (in_canceled, deleted):
+        [skipped] = await messages_of(db, enrollment_id)
+        assert (skipped.status, skipped.reason) == ("skipped", "canceled")
+        assert (await enrollment(db, enrollment_id)).status == "canceled"
+    assert (await enrollment(db, live)).status == "completed"
 
 
 async def test_expired_lease_lets_another_worker_take_over(

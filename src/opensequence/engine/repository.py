@@ -414,6 +414,31 @@ async def renew(
         )
 
 
+async def still_live(
+    session: AsyncSession, ids: Iterable[uuid.UUID], *, worker: str
+) -> set[uuid.UUID]:
+    """Those of ``ids`` that may still be sent right now: the enrollment is active and leased
+    to ``worker``, its sequence is active and its contact exists. One id per row, so the
+    common answer (all of them) costs little; :func:`recheck` explains the others."""
+    wanted = list(ids)
+    if not wanted:
+        return set()
+    e, s, c = ENROLLMENTS.c, SEQUENCES.c, CONTACTS.c
+    rows = await session.execute(
+        select(e.id)
+        .select_from(
+            ENROLLMENTS.join(SEQUENCES, s.id == e.sequence_id).join(CONTACTS, c.id == e.contact_id)
+        )
+        .where(
+            member_of(session, e.id, wanted),
+            e.locked_by == worker,
+            e.status == "active",
+            s.status == "active",
+        )
+    )
+    return set(rows.scalars().all())
+
+
 @dataclass(frozen=True)
 class Recheck:
     mine: bool

@@ -478,8 +478,13 @@ class Worker:
         if not sends:
             return sends
         async with self.db.transaction() as session:
-            state = await repo.recheck(session, (s.claimed.id for s in sends), worker=self.id)
-            keep: list[_Send] = []
+            live = await repo.still_live(session, (s.claimed.id for s in sends), worker=self.id)
+            if len(live) == len(sends):
+                return sends
+            state = await repo.recheck(
+                session, (s.claimed.id for s in sends if s.claimed.id not in live), worker=self.id
+            )
+            keep = [item for item in sends if item.claimed.id in live]
             messages: list[dict[str, Any]] = []
             enrollments: list[dict[str, Any]] = []
             released: list[uuid.UUID] = []
@@ -488,7 +493,7 @@ class Worker:
                 if found is None or not found.mine:
                     continue
                 if found.enrollment_active and found.sequence_active and found.contact_exists:
-                    keep.append(item)
+                    keep.append(item)  # live by the second read (PostgreSQL: a later snapshot)
                     continue
                 messages.append(_message_change(item.message_row, "skipped", "canceled"))
                 if found.enrollment_active:
