@@ -239,6 +239,19 @@ async def test_permanent_failure_records_the_bounce_and_never_retries(
     assert (state.status, state.next_step_at, state.current_step) == ("failed", None, 0)
 
 
+async def cancel_and_delete(
+    db: Database, sequence_id: uuid.UUID, contact_id: uuid.UUID, clock: ManualClock
+) -> None:
+    """Cancel one sequence and delete one contact, in one committed transaction."""
+    async with db.transaction() as session:
+        await session.execute(
+            update(Sequence)
+            .where(Sequence.id == sequence_id)
+            .values(status="canceled", canceled_at=clock.now())
+        )
+        await session.execute(delete(Contact).where(Contact.id == contact_id))
+
+
 async def test_cancel_and_contact_deletion_stop_further_sends(
     db: Database, worker: Worker, sink: SinkServer, clock: ManualClock
 ) -> None:
@@ -254,13 +267,7 @@ async def test_cancel_and_contact_deletion_stop_further_sends(
     await worker.drain()
     assert len(sink.sink.received) == 2
 
-    async with db.transaction() as session:
-        await session.execute(
-            update(Sequence)
-            .where(Sequence.id == canceled_seq)
-            .values(status="canceled", canceled_at=clock.now())
-        )
-        await session.execute(delete(Contact).where(Contact.id == contacts[1]))
+    await cancel_and_delete(db, canceled_seq, contacts[1], clock)
     clock.advance(minutes=5)
     assert await worker.drain() == 2
     assert len(sink.sink.received) == 2
@@ -288,13 +295,7 @@ async def test_a_cancel_committed_while_the_batch_was_prepared_stops_its_sends(
         async def _recheck(self, sends: list[Any]) -> list[Any]:
             # The batch is claimed and its send records committed; now the cancels land.
             assert len(sends) == 3
-            async with db.transaction() as session:
-                await session.execute(
-                    update(Sequence)
-                    .where(Sequence.id == canceled_seq)
-                    .values(status="canceled", canceled_at=clock.now())
-                )
-                await session.execute(delete(Contact).where(Contact.id == contacts[1]))
+            await cancel_and_delete(db, canceled_seq, contacts[1], clock)
             return await super()._recheck(sends)
 
     transport = transport_from_url(smtp_settings.mail_url, pool_size=4)
