@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from opensequence.mail.errors import TransientSendError
+from opensequence.mail.errors import PermanentSendError, TransientSendError
 from opensequence.mail.message import Outgoing
 from opensequence.mail.transports.smtp import SmtpTransport
 from tests.engine.sink import Sink, SinkServer
@@ -68,3 +68,45 @@ async def test_a_slow_send_within_its_deadline_is_not_cut_off():
         await smtp.send(outgoing(2))
         await smtp.aclose()
         assert [m["Subject"] for m in server.sink.received] == ["1", "2"]
+
+
+class RefusingSink(Sink):
+    """Refuses the recipients in ``refused`` at RCPT and the first DATA when ``refuse_data``;
+    records which client connection (its address) carried each recipient."""
+
+    def __init__(self, refused: set[str], refuse_data: bool = False) -> None:
+        super().__init__()
+        self.refused = refused
+        self.refuse_data = refuse_data
+        self.peers: list[Any] = []
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        self.peers.append(session.peer)
+        if address in self.refused:
+            return "550 5.1.1 no such mailbox"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.refuse_data:
+            self.refuse_data = False
+            return "554 5.7.1 rejected"
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_a_refused_message_leaves_its_connection_usable_for_the_next():
+    sink = RefusingSink(refused={"p2@example.org"}, refuse_data=True)
+    with SinkServer(sink) as server:
+        smtp = transport(server, timeout=5.0)
+        with pytest.raises(PermanentSendError, match=r"^bounced: 554 5\.7\.1"):
+            await smtp.send(outgoing(1))  # refused after DATA
+        with pytest.raises(PermanentSendError, match=r"^bounced: 550 5\.1\.1"):
+            await smtp.send(outgoing(2))  # refused at RCPT
+        await smtp.send(outgoing(3))
+        await smtp.send(outgoing(4))
+        await smtp.aclose()
+    assert [m["Subject"] for m in sink.received] == ["3", "4"]
+    # One connection all along: the refusals were answered with RSET, not a reconnect.
+    assert len(sink.peers) == 4 and len(set(sink.peers)) == 1

@@ -96,6 +96,12 @@ class SmtpTransport:
                 if client is None or not client.is_connected:
                     client = await self._connect()
                 await self._sendmail(client, outgoing)
+            except _Refused as refused:
+                # This message was refused; the connection is reset and carries the next one
+                # (reconnecting after every bounce would cost a handshake each).
+                assert client is not None
+                self._idle.append(client)
+                raise classify(refused.reply) from refused.reply
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 if client is not None:
                     client.close()
@@ -157,10 +163,24 @@ async def _transaction(client: aiosmtplib.SMTP, outgoing: Outgoing) -> None:
     if not (_PLAIN_ADDRESS.fullmatch(sender) and _PLAIN_ADDRESS.fullmatch(recipient)):
         await client.sendmail(sender, [recipient], outgoing.data)
         return
-    reply = await client.execute_command(b"MAIL", f"FROM:<{sender}>".encode("ascii"))
-    if reply.code != aiosmtplib.SMTPStatus.completed:
-        raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, sender)
-    reply = await client.execute_command(b"RCPT", f"TO:<{recipient}>".encode("ascii"))
-    if reply.code not in (aiosmtplib.SMTPStatus.completed, aiosmtplib.SMTPStatus.will_forward):
-        raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
-    await client.data(outgoing.data)
+    try:
+        reply = await client.execute_command(b"MAIL", f"FROM:<{sender}>".encode("ascii"))
+        if reply.code != aiosmtplib.SMTPStatus.completed:
+            raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, sender)
+        reply = await client.execute_command(b"RCPT", f"TO:<{recipient}>".encode("ascii"))
+        if reply.code not in (aiosmtplib.SMTPStatus.completed, aiosmtplib.SMTPStatus.will_forward):
+            raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
+        await client.data(outgoing.data)
+    except aiosmtplib.SMTPResponseException as refused:
+        if not client.is_connected:  # a 421 closes the connection
+            raise
+        await client.rset()  # anything but 250 raises, and the caller drops the connection
+        raise _Refused(refused) from refused
+
+
+class _Refused(Exception):
+    """The server refused one message and took RSET: its connection is fit for the next."""
+
+    def __init__(self, reply: aiosmtplib.SMTPResponseException) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
