@@ -1,9 +1,10 @@
 """``smtp://``: aiosmtplib with a small pool of open connections.
 
 Opening an SMTP session (TCP, greeting, EHLO, STARTTLS, AUTH) costs several round trips, so
-connections are reused across messages. A connection that saw any error is closed rather than
-returned: its protocol state is unknown. aiosmtplib's exceptions are mapped here to the two kinds
-the retry policy knows (4xx and network trouble → transient, 5xx → permanent).
+connections are reused across messages. A message the server refuses (4xx/5xx to MAIL, RCPT or
+DATA) is followed by RSET and the connection goes back to the pool; after any other error it is
+closed, its protocol state being unknown. aiosmtplib's exceptions are mapped here to the two
+kinds the retry policy knows (4xx and network trouble → transient, 5xx → permanent).
 
 ``timeout`` bounds opening a connection and, separately, each send as a whole (MAIL, RCPT, DATA
 and the message). The send deadline is kept by one watchdog per pool rather than by a timer
