@@ -8,7 +8,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+import pytest
+from sqlalchemy import delete, func, select, update
 
 from opensequence.clock import ManualClock
 from opensequence.config import Settings
@@ -363,6 +364,47 @@ async def test_expired_lease_lets_another_worker_take_over(
     [after] = await messages_of(db, enrollment_id)
     assert (after.id, after.status) == (row.id, "sent")
     assert [m["Message-ID"] for m in sink.sink.received] == [row.message_id, row.message_id]
+
+
+async def test_when_recording_fails_the_rest_of_the_batch_is_not_sent(
+    db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock
+) -> None:
+    """Outcomes cannot be written (the database went away): the worker stops handing the
+    batch's remaining messages over, so only the failed chunk and the sends in flight are
+    sent-but-unrecorded; the rest keep their claim and go out once it expires."""
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(60)])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+
+    class RecordingFails(Worker):
+        async def _finish(self, results: Any) -> None:
+            raise OSError("database connection lost")
+
+    transport = transport_from_url(smtp_settings.mail_url, pool_size=2)
+    worker = RecordingFails(db, transport, smtp_settings, clock=clock, concurrency=2, batch_size=60)
+    assert worker.finish_chunk == 10
+    try:
+        with pytest.raises(OSError, match="database connection lost"):
+            await worker.run_once()
+    finally:
+        await transport.aclose()
+    # The chunk of 10 whose recording failed, plus at most the 2 in flight meanwhile.
+    assert 10 <= len(sink.sink.received) <= 12
+    async with db.transaction() as session:
+        sending = await session.scalar(
+            select(func.count()).select_from(Message).where(Message.status == "sending")
+        )
+    assert sending == 60
+
+    clock.advance(seconds=smtp_settings.worker_lease_seconds + 1)
+    later = make_worker(db, smtp_settings, clock)
+    try:
+        assert await later.drain() == 60
+    finally:
+        await later.transport.aclose()
+    received = [m["Message-ID"] for m in sink.sink.received]
+    assert len(set(received)) == 60  # every message, the resent ones with their Message-ID
 
 
 async def test_skips_and_template_errors(

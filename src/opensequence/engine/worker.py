@@ -571,6 +571,11 @@ class Worker:
                 ready.clear()
                 await ready.wait()
         finally:
+            # Recording failed (the database went away) or the batch was cancelled: send
+            # nothing more. What is left keeps its claim, runs out its lease and goes out
+            # later; sent-but-unrecorded messages are then only the failed chunk and those
+            # in flight, rather than the rest of the batch too.
+            queue.clear()
             outcomes = await asyncio.gather(*lanes, return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
