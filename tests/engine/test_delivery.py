@@ -407,6 +407,36 @@ async def test_when_recording_fails_the_rest_of_the_batch_is_not_sent(
     assert len(set(received)) == 60  # every message, the resent ones with their Message-ID
 
 
+async def test_outcomes_wait_for_a_database_that_went_away(
+    db: Database,
+    worker: Worker,
+    sink: SinkServer,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Recording sent messages fails twice (a database restart) and then works: the worker
+    waits and records them, so nothing is sent twice."""
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(30)])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    original = repo.update_messages
+    failures = [OSError("connection lost"), OSError("the database system is starting up")]
+
+    async def flaky(session: Any, changes: Any, now: Any) -> None:
+        if failures and any(change["b_status"] == "sent" for change in changes):
+            raise failures.pop(0)
+        await original(session, changes, now)
+
+    monkeypatch.setattr(repo, "update_messages", flaky)
+    assert await worker.drain() == 30
+    assert not failures
+    assert len(sink.sink.received) == 30
+    async with db.transaction() as session:
+        statuses = await session.scalars(select(Message.status))
+        assert list(statuses) == ["sent"] * 30
+
+
 async def test_skips_and_template_errors(
     db: Database, worker: Worker, sink: SinkServer, clock: ManualClock
 ) -> None:

@@ -72,6 +72,9 @@ from opensequence.unsubscribe import load_secret, make_token, unsubscribe_url
 log = logging.getLogger(__name__)
 
 METRICS_INTERVAL_SECONDS = 5.0
+# How long sends already made wait for the database to record them (capped at a third of the
+# lease).
+RECORD_RETRY_SECONDS = 30.0
 
 
 def make_worker_id() -> str:
@@ -644,11 +647,25 @@ class Worker:
                     "b_attempts": claim.attempts + 1,
                 }
             )
-        async with self.db.transaction() as session:
-            await repo.update_messages(session, messages, now)
-            await repo.update_enrollments(session, enrollments, worker=self.id, now=now)
-            await repo.release(session, released, worker=self.id)
-            await suppress_bounces(session, bounces, now)
+        # These messages are out: a failure to record them would make each one a duplicate
+        # once its claim expires, so a database that went away (a restart, a failover) is
+        # waited for, within a third of the lease.
+        deadline = time.monotonic() + min(RECORD_RETRY_SECONDS, self.lease.total_seconds() / 3)
+        pause = 0.1
+        while True:
+            try:
+                async with self.db.transaction() as session:
+                    await repo.update_messages(session, messages, now)
+                    await repo.update_enrollments(session, enrollments, worker=self.id, now=now)
+                    await repo.release(session, released, worker=self.id)
+                    await suppress_bounces(session, bounces, now)
+                break
+            except (DBAPIError, OSError) as exc:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning("recording %d outcomes failed, retrying: %s", len(results), exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
         self._count(finished)
         if self.metrics is not None and retries:
             self.metrics.retries.inc(retries)
