@@ -393,7 +393,9 @@ async def test_when_recording_fails_the_rest_of_the_batch_is_not_sent(
     assert 10 <= len(sink.sink.received) <= 12
     async with db.transaction() as session:
         sending = await session.scalar(
-            select(func.count()).select_from(Message).where(Message.status == "sending")
+            select(func.count())
+            .select_from(Message)
+            .where(Message.org_id == org, Message.status == "sending")
         )
     assert sending == 60
 
@@ -433,7 +435,7 @@ async def test_outcomes_wait_for_a_database_that_went_away(
     assert not failures
     assert len(sink.sink.received) == 30
     async with db.transaction() as session:
-        statuses = await session.scalars(select(Message.status))
+        statuses = await session.scalars(select(Message.status).where(Message.org_id == org))
         assert list(statuses) == ["sent"] * 30
 
 
