@@ -39,6 +39,16 @@ def step(**data: Any) -> dict[str, Any]:
     return {**STEP, "action": {**STEP["action"], "data": {**STEP["action"]["data"], **data}}}
 
 
+async def send_json(client: Any, method: str, path: str, content: Any) -> Any:
+    """``content`` sent as it is (text, bytes or a stream) under a JSON content type: bodies
+    a JSON encoder would never write."""
+    if isinstance(content, str):
+        content = content.encode()
+    return await client.request(
+        method, path, content=content, headers={"Content-Type": "application/json"}
+    )
+
+
 async def table_counts(app: FastAPI) -> dict[str, int]:
     async with app.state.db.transaction() as session:
         return {
@@ -114,9 +124,7 @@ async def test_malformed_json_is_400_everywhere(
     async with Unchanged(app, tenant.client, world):
         for method, path in body_routes(world):
             for body in bodies:
-                response = await tenant.client.request(
-                    method, path, content=body, headers={"Content-Type": "application/json"}
-                )
+                response = await send_json(tenant.client, method, path, body)
                 assert_error(response, 400)
 
 
@@ -172,12 +180,7 @@ async def test_deeply_nested_json_is_400(
             ]
             documents += [(method, path, arrays) for method, path in body_routes(world)]
             for method, path, document in documents:
-                response = await tenant.client.request(
-                    method,
-                    path,
-                    content=document.encode(),
-                    headers={"Content-Type": "application/json"},
-                )
+                response = await send_json(tenant.client, method, path, document)
                 assert_error(response, 400)
 
 
@@ -216,12 +219,7 @@ async def test_non_finite_numbers_are_400(
                 ),
                 ("PUT", "/sender-limits/example.com", f'{{"per_minute": {literal}}}', "per_minute"),
             ]:
-                response = await tenant.client.request(
-                    method,
-                    path,
-                    content=document.encode(),
-                    headers={"Content-Type": "application/json"},
-                )
+                response = await send_json(tenant.client, method, path, document)
                 assert_error(response, 400, field)
 
 
@@ -266,12 +264,7 @@ async def test_lone_surrogates_are_400(app: FastAPI, tenant: Tenant, world: dict
             ),
             ("PATCH", sequence, f'{{"name": "x{lone}"}}', "name"),
         ]:
-            response = await tenant.client.request(
-                method,
-                path,
-                content=document.encode(),
-                headers={"Content-Type": "application/json"},
-            )
+            response = await send_json(tenant.client, method, path, document)
             assert_error(response, 400, field)
 
 
@@ -306,9 +299,7 @@ async def test_ten_megabyte_fields_are_400_and_over_16_mib_is_413(
 
         huge = json.dumps({"contact": {"email": "h@example.com", "name": "y" * (17 * MIB)}})
         for method, path in body_routes(world):
-            declared = await tenant.client.request(
-                method, path, content=huge, headers={"Content-Type": "application/json"}
-            )
+            declared = await send_json(tenant.client, method, path, huge)
             assert_error(declared, 413, "limit")
 
             async def chunks() -> AsyncIterator[bytes]:
@@ -316,9 +307,7 @@ async def test_ten_megabyte_fields_are_400_and_over_16_mib_is_413(
                 for start in range(0, len(data), MIB):
                     yield data[start : start + MIB]
 
-            streamed = await tenant.client.request(
-                method, path, content=chunks(), headers={"Content-Type": "application/json"}
-            )
+            streamed = await send_json(tenant.client, method, path, chunks())
             assert_error(streamed, 413, "limit")
 
 
