@@ -247,8 +247,9 @@ def _same(value: Any) -> Any:
 async def load_messages(
     session: AsyncSession, pairs: Iterable[tuple[uuid.UUID, int]]
 ) -> dict[tuple[uuid.UUID, int], Any]:
-    """Send records that already exist for these (enrollment, step) pairs."""
-    m = MESSAGES.c
+    """Send records that already exist for these (enrollment, step) pairs: claimed ones, whose
+    step is the enrollment's ``current_step`` (records of earlier steps are not read)."""
+    m, e = MESSAGES.c, ENROLLMENTS.c
     wanted = set(pairs)
     if not wanted:
         return {}
@@ -262,7 +263,11 @@ async def load_messages(
             m.message_id,
             m.attempts,
             m.created_at,
-        ).where(member_of(session, m.enrollment_id, list({pair[0] for pair in wanted})))
+        )
+        .select_from(
+            MESSAGES.join(ENROLLMENTS, (e.id == m.enrollment_id) & (e.current_step == m.step_index))
+        )
+        .where(member_of(session, e.id, list({pair[0] for pair in wanted})))
     )
     found = {(row.enrollment_id, row.step_index): row for row in rows}
     return {pair: row for pair, row in found.items() if pair in wanted}
