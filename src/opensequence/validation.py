@@ -59,18 +59,31 @@ def reject_nul(value: str) -> str:
 
 
 def is_seed_email(value: str) -> bool:
-    return SEED_EMAIL_RE.match(value) is not None
+    # fullmatch: the seed's patterns end in ``$``, the end of the string in JSON Schema, but
+    # in Python's ``re.match`` also the place before a final newline.
+    return SEED_EMAIL_RE.fullmatch(value) is not None
 
 
 def is_seed_id(value: str) -> bool:
-    return SEED_ID_RE.match(value) is not None
+    return SEED_ID_RE.fullmatch(value) is not None
 
 
 CleanText = Annotated[str, AfterValidator(reject_control_chars)]
 Name = Annotated[str, Field(max_length=MAX_NAME), AfterValidator(reject_control_chars)]
+
+
+def require_whole_seed_email(value: str) -> str:
+    """The pattern check again with :func:`is_seed_email`: pydantic's python-re engine lets a
+    final newline through, as Python's ``$`` does."""
+    if not is_seed_email(value):
+        raise ValueError(f"String should match pattern '{SEED_EMAIL_PATTERN}'")
+    return value
+
+
 Email = Annotated[
     str,
     Field(max_length=MAX_EMAIL, pattern=SEED_EMAIL_PATTERN, json_schema_extra={"format": "email"}),
+    AfterValidator(require_whole_seed_email),
 ]
 Phone = Annotated[str, Field(max_length=MAX_PHONE), AfterValidator(reject_control_chars)]
 

@@ -405,6 +405,28 @@ async def test_control_characters_are_400_naming_the_field(
                 assert_error(response, 400, "NUL")
 
 
+async def test_a_newline_after_an_email_or_id_does_not_match_the_seed_patterns(
+    app: FastAPI, tenant: Tenant, world: dict[str, str]
+) -> None:
+    """The seed's patterns end in ``$``, which in JSON Schema means the end of the string; in
+    Python's ``re.match`` it also matches before a final newline."""
+    sequence = f"/sequences/{world['sequence']}"
+    async with Unchanged(app, tenant.client, world):
+        for method, path, body, field in [
+            ("POST", f"{sequence}/contacts", {"contacts": [{"email": "n@example.com\n"}]}, "email"),
+            (
+                "POST",
+                f"{sequence}/contacts",
+                {"contacts": [{"id": f"{world['contact']}\n"}]},
+                "id",
+            ),
+            ("POST", "/contacts", {"contact": {"email": "n@example.com\n"}}, "email"),
+            ("POST", "/suppressions", {"email": "n@example.com\n"}, "email"),
+        ]:
+            response = await tenant.client.request(method, path, json=body)
+            assert_error(response, 400, field)
+
+
 async def test_sql_and_liquid_look_alikes_are_stored_verbatim(
     app: FastAPI, tenant: Tenant, world: dict[str, str]
 ) -> None:
