@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import ssl
 
 import aiosmtplib
 
 from opensequence.mail.errors import PermanentSendError, SendError, TransientSendError
 from opensequence.mail.message import Outgoing
+from opensequence.validation import is_seed_email
 
 
 def classify(exc: BaseException) -> SendError:
@@ -150,18 +150,15 @@ class SmtpTransport:
                 client.close()
 
 
-# A dot-atom address (what the intake patterns admit): written into the envelope as is.
-_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+")
-
-
 async def _transaction(client: aiosmtplib.SMTP, outgoing: Outgoing) -> None:
     """MAIL, RCPT and DATA for one message on an open connection.
 
     ``sendmail`` parses each envelope address twice with ``email.utils`` and normalises the
     message twice (once only to announce its SIZE, which is optional): ~35 us per message.
-    Plain addresses go out directly instead; anything else is left to ``sendmail``."""
+    Addresses the intake pattern admits (plain ASCII ``local@domain``) go out directly
+    instead; anything else is left to ``sendmail``."""
     sender, recipient = outgoing.sender, outgoing.recipient
-    if not (_PLAIN_ADDRESS.fullmatch(sender) and _PLAIN_ADDRESS.fullmatch(recipient)):
+    if not (is_seed_email(sender) and is_seed_email(recipient)):
         await client.sendmail(sender, [recipient], outgoing.data)
         return
     try:
