@@ -86,21 +86,38 @@ async def claim_due(
         .order_by(e.next_step_at)
         .limit(limit)
     )
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
+    # The candidates are locked by the subquery (SKIP LOCKED) or by SQLite's single writer, and
+    # were active when locked: the outer statement matches on ``id`` alone. (A second
+    # ``status`` condition there let PostgreSQL intersect the primary key with the whole due
+    # index.)
+    postgresql = session.bind is not None and session.bind.dialect.name == "postgresql"
+    if postgresql:
         # ``= ANY(ARRAY(subquery))``: the candidates are selected (and locked) once, as an
         # init plan. Under ``IN (subquery)`` the planner may rescan the subquery per row, and
         # with SKIP LOCKED each rescan can find other rows: more than ``limit`` get claimed.
         due = due.with_for_update(skip_locked=True)
         wanted = e.id == any_(func.array(due.scalar_subquery()))
+        # Walk the due index in order and stop at ``limit``. Without statistics (a table
+        # just filled by an import, before autovacuum analyses it) the planner guesses that
+        # few rows are due, reads every due row through a bitmap and sorts them all: a claim
+        # of 200 cost ~50 ms of the server's CPU with 100,000 due instead of ~1 ms.
+        await session.execute(_SORT_OFF)
     else:
         wanted = e.id.in_(due.scalar_subquery())
     result = await session.execute(
         update(ENROLLMENTS)
-        .where(wanted, e.status == "active")
+        .where(wanted)
         .values(locked_until=now + lease, locked_by=worker)
         .returning(e.id, e.org_id, e.sequence_id, e.contact_id, e.current_step, e.attempts)
     )
-    return [Claimed(*row) for row in result.all()]
+    claimed = [Claimed(*row) for row in result.all()]
+    if postgresql:
+        await session.execute(_SORT_DEFAULT)
+    return claimed
+
+
+_SORT_OFF = text("SET LOCAL enable_sort = off")
+_SORT_DEFAULT = text("SET LOCAL enable_sort TO DEFAULT")
 
 
 async def load_sequences(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
