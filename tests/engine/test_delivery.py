@@ -562,12 +562,22 @@ async def test_a_step_keeps_its_first_send_record(db: Database, clock: ManualClo
     assert kept[0].created_at == clock.now()
 
 
-async def test_a_claim_takes_the_oldest_due_and_reads_little_of_a_fresh_backlog(
+async def _index_fetches(session: Any) -> int:
+    """Enrollment rows this transaction fetched through an index (a bitmap heap scan counts
+    too; a sequential scan, which the planner may choose for a table this small, does not)."""
+    result = await session.execute(
+        text("SELECT idx_tup_fetch FROM pg_stat_xact_user_tables WHERE relname = 'enrollments'")
+    )
+    return int(result.scalar_one())
+
+
+async def test_claims_and_advances_read_little_of_a_fresh_backlog(
     backend: str, db: Database, clock: ManualClock
 ) -> None:
-    """Oldest due first, on both databases. On PostgreSQL the claim also walks the due index
-    in order and stops at its limit, even on a table just filled and never analysed: the
-    planner's guess without statistics was to read every due row and sort them."""
+    """The oldest due go first, on both databases. On PostgreSQL, on a table just filled and
+    never analysed: the claim walks the due index in order and stops at its limit (the
+    planner's guess without statistics was to read every due row and sort them), and an
+    advance by id does not read the active enrollments through the due index."""
     org = await make_org(db)
     contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(1500)])
     sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
@@ -579,21 +589,30 @@ async def test_a_claim_takes_the_oldest_due_and_reads_little_of_a_fresh_backlog(
         )
         if minutes_ago == 3:
             oldest = ids
+    postgresql = backend == "postgresql"
     async with db.transaction() as session:
         first = await repo.claim_due(
             session, now=clock.now(), worker="A", lease=timedelta(minutes=5), limit=50
         )
-        if backend == "postgresql":
-            # Rows fetched through an index in this transaction (a bitmap heap scan counts
-            # too). Reading the due backlog fetched all 1,500; the UPDATE around the
-            # subquery may scan a table this small sequentially, which is not counted here.
-            fetched = (
-                await session.execute(
-                    text(
-                        "SELECT idx_tup_fetch FROM pg_stat_xact_user_tables "
-                        "WHERE relname = 'enrollments'"
-                    )
-                )
-            ).scalar_one()
+        if postgresql:
+            fetched = await _index_fetches(session)
             assert fetched < 500, f"the claim fetched {fetched} enrollments to take 50"
     assert len(first) == 50 and {c.id for c in first} <= set(oldest)
+    async with db.transaction() as session:
+        advanced = [
+            {
+                "b_id": claim.id,
+                "b_claimed_step": 0,
+                "b_status": "completed",
+                "b_step": 1,
+                "b_next_at": None,
+                "b_waiting": None,
+                "b_attempts": 0,
+            }
+            for claim in first
+        ]
+        await repo.update_enrollments(session, advanced, worker="A", now=clock.now())
+        if postgresql:
+            fetched = await _index_fetches(session)
+            assert fetched < 500, f"advancing 50 by id fetched {fetched} enrollments"
+    assert {(await enrollment(db, claim.id)).status for claim in first} == {"completed"}

@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
-import pytest
 from alembic import command
 from sqlalchemy import create_engine, text
 
 from opensequence.db.engine import sync_url
 from opensequence.db.migrate import alembic_config, upgrade
 from opensequence.runs.pages import OUTCOME_BITS, PAGE_SIZE, unpack
-from tests.conftest import _pg_admin, _pg_url
-
-
-@pytest.fixture
-def empty_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'empty.db'}"
-        return
-    request.getfixturevalue("pg_template")  # skips (or fails in CI) when PostgreSQL is down
-    name = f"osq_m_{uuid.uuid4().hex[:12]}"
-    _pg_admin(f'CREATE DATABASE "{name}"')
-    yield _pg_url(name)
-    _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_run_items_survive_the_move_to_pages_and_back(empty_url: str, backend: str) -> None:

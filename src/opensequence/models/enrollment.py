@@ -25,11 +25,14 @@ class Enrollment(IdMixin, TimestampMixin, Base):
     __tablename__ = "enrollments"
     __table_args__ = (
         UniqueConstraint("sequence_id", "contact_id"),
+        # Only the claim's ``next_step_at <= now`` implies the second condition, so statements
+        # that look enrollments up by id and guard on the status use the primary key even
+        # when the planner has no statistics (migration 0008).
         Index(
             "ix_enrollments_due",
             "next_step_at",
-            postgresql_where=text("status = 'active'"),
-            sqlite_where=text("status = 'active'"),
+            postgresql_where=text("status = 'active' AND next_step_at IS NOT NULL"),
+            sqlite_where=text("status = 'active' AND next_step_at IS NOT NULL"),
         ),
         Index("ix_enrollments_run_id_run_index", "run_id", "run_index"),
         Index("ix_enrollments_contact_id", "contact_id"),
