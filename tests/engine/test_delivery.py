@@ -576,8 +576,8 @@ async def test_claims_and_advances_read_little_of_a_fresh_backlog(
 ) -> None:
     """The oldest due go first, on both databases. On PostgreSQL, on a table just filled and
     never analysed: the claim walks the due index in order and stops at its limit (the
-    planner's guess without statistics was to read every due row and sort them), and an
-    advance by id does not read the active enrollments through the due index."""
+    planner's guess without statistics was to read every due row and sort them), and the
+    recheck and the advance, by id, do not read the sequence's or all active enrollments."""
     org = await make_org(db)
     contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(1500)])
     sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
@@ -598,6 +598,12 @@ async def test_claims_and_advances_read_little_of_a_fresh_backlog(
             fetched = await _index_fetches(session)
             assert fetched < 500, f"the claim fetched {fetched} enrollments to take 50"
     assert len(first) == 50 and {c.id for c in first} <= set(oldest)
+    async with db.transaction() as session:
+        live = await repo.still_live(session, (claim.id for claim in first), worker="A")
+        if postgresql:
+            fetched = await _index_fetches(session)
+            assert fetched < 500, f"rechecking 50 by id fetched {fetched} enrollments"
+    assert live == {claim.id for claim in first}
     async with db.transaction() as session:
         advanced = [
             {

@@ -446,19 +446,23 @@ async def still_live(
     if not wanted:
         return set()
     e, s, c = ENROLLMENTS.c, SEQUENCES.c, CONTACTS.c
-    rows = await session.execute(
-        select(e.id)
-        .select_from(
-            ENROLLMENTS.join(SEQUENCES, s.id == e.sequence_id).join(CONTACTS, c.id == e.contact_id)
-        )
-        .where(
-            member_of(session, e.id, wanted),
-            e.locked_by == worker,
-            e.status == "active",
-            s.status == "active",
-        )
+    # The sequence and the contact are looked up per enrollment (correlated subqueries, which
+    # the planner cannot turn into joins): as a join, PostgreSQL without statistics started
+    # from the sequence and read all of its enrollments through (sequence_id, contact_id) to
+    # find these, ~30 ms for 200 of 100,000 instead of ~4.
+    sequence_active = (
+        select(s.id)
+        .where(s.id == e.sequence_id, s.status == "active")
+        .exists()
+        .correlate(ENROLLMENTS)
     )
-    return set(rows.scalars().all())
+    contact_exists = select(c.id).where(c.id == e.contact_id).exists().correlate(ENROLLMENTS)
+    rows = await session.execute(
+        select(
+            e.id, sequence_active.label("sequence_active"), contact_exists.label("contact")
+        ).where(member_of(session, e.id, wanted), e.locked_by == worker, e.status == "active")
+    )
+    return {row.id for row in rows if row.sequence_active and row.contact}
 
 
 @dataclass(frozen=True)
