@@ -409,6 +409,48 @@ async def test_when_recording_fails_the_rest_of_the_batch_is_not_sent(
     assert len(set(received)) == 60  # every message, the resent ones with their Message-ID
 
 
+async def test_no_send_starts_while_outcomes_cannot_be_recorded(
+    db: Database,
+    smtp_settings: Settings,
+    sink: SinkServer,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Recording a chunk of sent messages fails twice, then works. While it fails no lane
+    hands another message over (it could not be recorded either): only the sends already in
+    flight complete. Then the rest of the batch goes out, each message once."""
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(60)])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    original = repo.update_messages
+    failures = [OSError("connection lost"), OSError("the database system is starting up")]
+    delivered_at_failure: list[int] = []
+
+    async def flaky(session: Any, changes: Any, now: Any) -> None:
+        if failures and any(change["b_status"] == "sent" for change in changes):
+            delivered_at_failure.append(len(sink.sink.received))
+            raise failures.pop(0)
+        await original(session, changes, now)
+
+    monkeypatch.setattr(repo, "update_messages", flaky)
+    transport = transport_from_url(smtp_settings.mail_url, pool_size=2)
+    worker = Worker(db, transport, smtp_settings, clock=clock, concurrency=2, batch_size=60)
+    assert worker.finish_chunk == 10
+    try:
+        assert await worker.drain() == 60
+    finally:
+        await transport.aclose()
+    first, second = delivered_at_failure
+    # Between the two failed attempts (0.1 s apart) at most the 2 sends in flight finished.
+    assert second - first <= 2, delivered_at_failure
+    received = [m["Message-ID"] for m in sink.sink.received]
+    assert len(received) == len(set(received)) == 60
+    async with db.transaction() as session:
+        statuses = await session.scalars(select(Message.status).where(Message.org_id == org))
+        assert list(statuses) == ["sent"] * 60
+
+
 async def test_outcomes_wait_for_a_database_that_went_away(
     db: Database,
     worker: Worker,

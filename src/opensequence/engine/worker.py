@@ -152,6 +152,13 @@ class Worker:
         )
         self.metrics = EngineMetrics(registry) if registry is not None else None
         self._slots = asyncio.Semaphore(concurrency)
+        # Open while every outcome handed to the database got recorded. Closed by a recording
+        # that fails (the database went away) until it succeeds or gives up: a message sent
+        # meanwhile could not be recorded either, and would go out again once its claim ran
+        # out. Lanes wait here before each send.
+        self._recording = asyncio.Event()
+        self._recording.set()
+        self._failing_records = 0
         self._stopping = False
         self._wake = asyncio.Event()
         self._secret: str | None = None
@@ -164,6 +171,7 @@ class Worker:
         """Stop claiming; sends already in flight finish, unsent claims are released."""
         self._stopping = True
         self._wake.set()
+        self._recording.set()  # paused lanes wake up to find the worker stopping: no send
 
     @property
     def stopping(self) -> bool:
@@ -541,7 +549,8 @@ class Worker:
         then leaves at most a chunk (plus the sends in flight) of sent-but-unrecorded messages
         to be resent, and the database work overlaps the sends still in flight. A chunk is 5x
         the concurrency: each one is a transaction, which on a loaded machine costs ~2-3 ms of
-        the event loop's time whatever its size."""
+        the event loop's time whatever its size. While a chunk's recording is failing, no
+        lane of any batch starts a send (``_recording``)."""
         if not sends:
             return
         queue = collections.deque(sends)
@@ -554,6 +563,10 @@ class Worker:
                     return
                 async with self._slots:
                     while queue:
+                        if not self._recording.is_set():
+                            await self._recording.wait()
+                            if not queue:
+                                break
                         done.append(await self._send(queue.popleft(), lease))
                         if len(done) >= self.finish_chunk:
                             ready.set()
@@ -650,22 +663,34 @@ class Worker:
         # These messages are out: a failure to record them would make each one a duplicate
         # once its claim expires, so a database that went away (a restart, a failover) is
         # waited for, within a third of the lease.
+        # Meanwhile no lane starts another send (see ``_recording``).
         deadline = time.monotonic() + min(RECORD_RETRY_SECONDS, self.lease.total_seconds() / 3)
         pause = 0.1
-        while True:
-            try:
-                async with self.db.transaction() as session:
-                    await repo.update_messages(session, messages, now)
-                    await repo.update_enrollments(session, enrollments, worker=self.id, now=now)
-                    await repo.release(session, released, worker=self.id)
-                    await suppress_bounces(session, bounces, now)
-                break
-            except (DBAPIError, OSError) as exc:
-                if time.monotonic() + pause > deadline:
-                    raise
-                log.warning("recording %d outcomes failed, retrying: %s", len(results), exc)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 2.0)
+        failing = False
+        try:
+            while True:
+                try:
+                    async with self.db.transaction() as session:
+                        await repo.update_messages(session, messages, now)
+                        await repo.update_enrollments(session, enrollments, worker=self.id, now=now)
+                        await repo.release(session, released, worker=self.id)
+                        await suppress_bounces(session, bounces, now)
+                    break
+                except (DBAPIError, OSError) as exc:
+                    if not failing:
+                        failing = True
+                        self._failing_records += 1
+                        self._recording.clear()
+                    if time.monotonic() + pause > deadline:
+                        raise
+                    log.warning("recording %d outcomes failed, retrying: %s", len(results), exc)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 2.0)
+        finally:
+            if failing:
+                self._failing_records -= 1
+                if self._failing_records == 0:
+                    self._recording.set()
         self._count(finished)
         if self.metrics is not None and retries:
             self.metrics.retries.inc(retries)
