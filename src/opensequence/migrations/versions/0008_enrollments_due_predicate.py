@@ -8,6 +8,9 @@ took the index to hold 0.5 % of the rows, and read every active enrollment throu
 the hundred it wanted, instead of looking them up by primary key. The claim's
 ``next_step_at <= :now`` implies the new condition; the id-keyed statements do not.
 
+The index is rebuilt inside the migration's transaction: on PostgreSQL, writes to
+``enrollments`` wait while it builds, so upgrade with the workers stopped.
+
 Revision ID: 0008
 Revises: 0007
 """
