@@ -146,3 +146,17 @@ async def enroll(
         session.add_all(rows)
         await session.flush()
         return [row.id for row in rows]
+
+
+def completed(enrollment_id: uuid.UUID, step: int = 0) -> dict[str, Any]:
+    """The change :func:`repository.update_enrollments` takes to complete an enrollment claimed
+    on ``step`` (its last)."""
+    return {
+        "b_id": enrollment_id,
+        "b_claimed_step": step,
+        "b_status": "completed",
+        "b_step": step + 1,
+        "b_next_at": None,
+        "b_waiting": None,
+        "b_attempts": 0,
+    }
