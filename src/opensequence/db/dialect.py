@@ -4,10 +4,11 @@ values" for SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
     Select,
     Text,
@@ -20,6 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+
+T = TypeVar("T")
 
 
 def dialect_name(session: AsyncSession) -> str:
@@ -43,10 +46,47 @@ def member_of(session: AsyncSession, column: Any, values: Sequence[Any]) -> Colu
     PostgreSQL: ``column = ANY(:array)``. SQLite: ``column IN (SELECT value FROM
     json_each(:json))``, the values in their stored form (a ``Uuid`` as 32 hex digits).
     """
-    if dialect_name(session) == "postgresql":
-        return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+    dialect = dialect_name(session)
+    value = member_values(dialect, column, values)
+    return _members(dialect, column, bindparam(None, value, type_=_list_type(dialect, column)))
+
+
+def member_param(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
+    """:func:`member_of` with a named parameter, for a statement built once and executed many
+    times (:func:`prebuilt`); its value is :func:`member_values`."""
+    return _members(dialect, column, bindparam(name, type_=_list_type(dialect, column)))
+
+
+def member_values(dialect: str, column: Any, values: Iterable[Any]) -> Any:
+    """The value of a :func:`member_param` parameter holding ``values``."""
+    if dialect == "postgresql":
+        return list(values)
     stored = [value.hex for value in values] if isinstance(column.type, Uuid) else list(values)
-    members: Select[Any] = select(literal_column("value")).select_from(
-        func.json_each(bindparam(None, json.dumps(stored), type_=Text()))
-    )
+    return json.dumps(stored)
+
+
+def _list_type(dialect: str, column: Any) -> Any:
+    return postgresql.ARRAY(column.type) if dialect == "postgresql" else Text()
+
+
+def _members(dialect: str, column: Any, parameter: BindParameter[Any]) -> ColumnElement[bool]:
+    if dialect == "postgresql":
+        return column == any_(parameter)
+    members: Select[Any] = select(literal_column("value")).select_from(func.json_each(parameter))
     return column.in_(members.scalar_subquery())
+
+
+_PREBUILT: dict[tuple[str, str], Any] = {}
+
+
+def prebuilt(session: AsyncSession, key: str, build: Callable[[str], T]) -> T:
+    """The statement ``build(dialect name)`` makes, built once per dialect and ``key`` and then
+    reused with bound parameters. Building a Core statement and its cache key on every call
+    cost about as much client time as executing it: a 100-row ``UPDATE … = ANY(:ids)`` took
+    ~1.7-2.1 ms of the worker's CPU built each time and ~1.0-1.1 ms prebuilt (PostgreSQL).
+    ``key`` names the statement; two builders must not share one."""
+    dialect = dialect_name(session)
+    statement = _PREBUILT.get((key, dialect))
+    if statement is None:
+        statement = _PREBUILT[(key, dialect)] = build(dialect)
+    return cast(T, statement)

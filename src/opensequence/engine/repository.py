@@ -26,6 +26,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     Table,
     Text,
     Uuid,
@@ -41,7 +42,13 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.bulk import sqlite_datetime, sqlite_executemany, sqlite_uuid
-from opensequence.db.dialect import member_of
+from opensequence.db.dialect import (
+    dialect_name,
+    member_of,
+    member_param,
+    member_values,
+    prebuilt,
+)
 from opensequence.models import (
     Contact,
     Enrollment,
@@ -75,7 +82,28 @@ async def claim_due(
     """Lease up to ``limit`` due enrollments to ``worker``, oldest due first, in one
     ``UPDATE … RETURNING`` over a ``LIMIT`` subquery (its rows locked with ``FOR UPDATE SKIP
     LOCKED`` on PostgreSQL; SQLite's single writer holds the lock already)."""
+    postgresql = dialect_name(session) == "postgresql"
+    connection = await session.connection()
+    if postgresql:
+        # Walk the due index in order and stop at ``limit``. Without statistics (a table
+        # just filled by an import, before autovacuum analyses it) the planner guesses that
+        # few rows are due, reads every due row through a bitmap and sorts them all: a claim
+        # of 200 took ~60 ms with 100,000 due, against ~9 ms walking the index
+        # (bench/fresh_backlog.py).
+        await connection.execute(_SORT_OFF)
+    result = await connection.execute(
+        prebuilt(session, "claim_due", _claim_statement),
+        {"now": now, "until": now + lease, "worker": worker, "limit": limit},
+    )
+    claimed = [Claimed(*row) for row in result.all()]
+    if postgresql:
+        await connection.execute(_SORT_DEFAULT)
+    return claimed
+
+
+def _claim_statement(dialect: str) -> Any:
     e = ENROLLMENTS.c
+    now = bindparam("now", type_=e.next_step_at.type)
     due = (
         select(e.id)
         .where(
@@ -84,37 +112,29 @@ async def claim_due(
             or_(e.locked_until.is_(None), e.locked_until < now),
         )
         .order_by(e.next_step_at)
-        .limit(limit)
+        .limit(bindparam("limit", type_=Integer()))
     )
     # The candidates are locked by the subquery (SKIP LOCKED) or by SQLite's single writer, and
     # were active when locked: the outer statement matches on ``id`` alone. (A second
     # ``status`` condition there let PostgreSQL intersect the primary key with the whole due
     # index.)
-    postgresql = session.bind is not None and session.bind.dialect.name == "postgresql"
-    if postgresql:
+    if dialect == "postgresql":
         # ``= ANY(ARRAY(subquery))``: the candidates are selected (and locked) once, as an
         # init plan. Under ``IN (subquery)`` the planner may rescan the subquery per row, and
         # with SKIP LOCKED each rescan can find other rows: more than ``limit`` get claimed.
         due = due.with_for_update(skip_locked=True)
         wanted = e.id == any_(func.array(due.scalar_subquery()))
-        # Walk the due index in order and stop at ``limit``. Without statistics (a table
-        # just filled by an import, before autovacuum analyses it) the planner guesses that
-        # few rows are due, reads every due row through a bitmap and sorts them all: a claim
-        # of 200 took ~60 ms with 100,000 due, against ~9 ms walking the index
-        # (bench/fresh_backlog.py).
-        await session.execute(_SORT_OFF)
     else:
         wanted = e.id.in_(due.scalar_subquery())
-    result = await session.execute(
+    return (
         update(ENROLLMENTS)
         .where(wanted)
-        .values(locked_until=now + lease, locked_by=worker)
+        .values(
+            locked_until=bindparam("until", type_=e.locked_until.type),
+            locked_by=bindparam("worker", type_=e.locked_by.type),
+        )
         .returning(e.id, e.org_id, e.sequence_id, e.contact_id, e.current_step, e.attempts)
     )
-    claimed = [Claimed(*row) for row in result.all()]
-    if postgresql:
-        await session.execute(_SORT_DEFAULT)
-    return claimed
 
 
 _SORT_OFF = text("SET LOCAL enable_sort = off")
@@ -122,23 +142,26 @@ _SORT_DEFAULT = text("SET LOCAL enable_sort TO DEFAULT")
 
 
 async def load_sequences(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
-    s = SEQUENCES.c
-    rows = await session.execute(
-        select(s.id, s.org_id, s.name, s.custom_id, s.status, s.is_continuous, s.send_window).where(
-            s.id.in_(set(ids))
-        )
+    connection = await session.connection()
+    rows = await connection.execute(
+        prebuilt(session, "load_sequences", _sequences_statement), {"ids": list(set(ids))}
     )
     return {row.id: row for row in rows}
+
+
+def _sequences_statement(dialect: str) -> Any:
+    s = SEQUENCES.c
+    return select(
+        s.id, s.org_id, s.name, s.custom_id, s.status, s.is_continuous, s.send_window
+    ).where(s.id.in_(bindparam("ids", expanding=True)))
 
 
 async def load_steps(
     session: AsyncSession, sequence_ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, list[Any]]:
-    st = STEPS.c
-    rows = await session.execute(
-        select(st.sequence_id, st.step_index, st.action, st.delay_in_minutes, st.started_at)
-        .where(st.sequence_id.in_(set(sequence_ids)))
-        .order_by(st.sequence_id, st.step_index)
+    connection = await session.connection()
+    rows = await connection.execute(
+        prebuilt(session, "load_steps", _steps_statement), {"ids": list(set(sequence_ids))}
     )
     steps: dict[uuid.UUID, list[Any]] = {}
     for row in rows:
@@ -146,12 +169,30 @@ async def load_steps(
     return steps
 
 
+def _steps_statement(dialect: str) -> Any:
+    st = STEPS.c
+    return (
+        select(st.sequence_id, st.step_index, st.action, st.delay_in_minutes, st.started_at)
+        .where(st.sequence_id.in_(bindparam("ids", expanding=True)))
+        .order_by(st.sequence_id, st.step_index)
+    )
+
+
 async def load_contacts(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
     """The batch's contacts, each with ``suppression``: the reason its address is on its
     organization's suppression list, or None (one statement for both: the list is keyed by
     the contact's own ``email_normalized``)."""
+    connection = await session.connection()
+    ids = member_values(dialect_name(session), CONTACTS.c.id, set(ids))
+    rows = await connection.execute(
+        prebuilt(session, "load_contacts", _contacts_statement), {"ids": ids}
+    )
+    return {row.id: row for row in rows}
+
+
+def _contacts_statement(dialect: str) -> Any:
     c, sup = CONTACTS.c, SUPPRESSIONS.c
-    rows = await session.execute(
+    return (
         select(
             c.id,
             c.org_id,
@@ -167,9 +208,8 @@ async def load_contacts(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict
                 (sup.org_id == c.org_id) & (sup.email_normalized == c.email_normalized),
             )
         )
-        .where(member_of(session, c.id, list(set(ids))))
+        .where(member_param(dialect, c.id, "ids"))
     )
-    return {row.id: row for row in rows}
 
 
 _MESSAGE_COLUMNS = (
@@ -217,7 +257,8 @@ async def insert_messages(session: AsyncSession, rows: Seq[dict[str, Any]]) -> s
     if session.bind is not None and session.bind.dialect.name == "postgresql":
         forms = _stored_forms(lambda value: value.isoformat())
         document = json.dumps([{name: form(row[name]) for name, form in forms} for row in rows])
-        result = await session.execute(_INSERT_MESSAGES_FROM_JSON, {"rows": document})
+        connection = await session.connection()
+        result = await connection.execute(_INSERT_MESSAGES_FROM_JSON, {"rows": document})
         return set(result.scalars().all())
     forms = _stored_forms(sqlite_datetime)
     values = [tuple(form(row[name]) for name, form in forms) for row in rows]
@@ -267,11 +308,21 @@ async def load_messages(
 ) -> dict[tuple[uuid.UUID, int], Any]:
     """Send records that already exist for these (enrollment, step) pairs: claimed ones, whose
     step is the enrollment's ``current_step`` (records of earlier steps are not read)."""
-    m, e = MESSAGES.c, ENROLLMENTS.c
     wanted = set(pairs)
     if not wanted:
         return {}
-    rows = await session.execute(
+    connection = await session.connection()
+    ids = member_values(dialect_name(session), ENROLLMENTS.c.id, {pair[0] for pair in wanted})
+    rows = await connection.execute(
+        prebuilt(session, "load_messages", _messages_statement), {"ids": ids}
+    )
+    found = {(row.enrollment_id, row.step_index): row for row in rows}
+    return {pair: row for pair, row in found.items() if pair in wanted}
+
+
+def _messages_statement(dialect: str) -> Any:
+    m, e = MESSAGES.c, ENROLLMENTS.c
+    return (
         select(
             m.id,
             m.enrollment_id,
@@ -285,10 +336,8 @@ async def load_messages(
         .select_from(
             MESSAGES.join(ENROLLMENTS, (e.id == m.enrollment_id) & (e.current_step == m.step_index))
         )
-        .where(member_of(session, e.id, list({pair[0] for pair in wanted})))
+        .where(member_param(dialect, e.id, "ids"))
     )
-    found = {(row.enrollment_id, row.step_index): row for row in rows}
-    return {pair: row for pair, row in found.items() if pair in wanted}
 
 
 async def stamp_steps_started(
@@ -312,45 +361,47 @@ async def stamp_steps_started(
     )
 
 
-# Reads a change's field: the row's own value for a set-based statement, or a bind parameter
-# (with the column's type where a datetime needs it) for the per-row executemany.
-Field = Callable[..., Any]
-
-
 async def _update_grouped(
     session: AsyncSession,
     changes: Seq[dict[str, Any]],
     table: Table,
-    statement: Callable[[Field, ColumnElement[bool]], Any],
+    key: str,
+    build: Callable[[str, bool], Any],
+    shared: dict[str, Any],
 ) -> None:
     """Apply per-row ``changes`` (each with ``b_id``): changes that differ only in ``b_id`` go
-    out as one set-based statement (``id`` is one of them), the rest as one executemany.
-    ``statement(field, match)`` builds the UPDATE for both forms."""
+    out as one set-based statement (its ids in the ``b_ids`` parameter), the rest as one
+    executemany (``b_id`` per row). ``build(dialect, grouped)`` makes the UPDATE for either
+    form from bound parameters named like the changes' fields plus ``shared``'s; each form is
+    built once (:func:`prebuilt`)."""
     groups: dict[tuple[Any, ...], tuple[dict[str, Any], list[Any]]] = {}
     for change in changes:
-        key = tuple(value for name, value in change.items() if name != "b_id")
-        found = groups.get(key)
+        group = tuple(value for name, value in change.items() if name != "b_id")
+        found = groups.get(group)
         if found is None:
-            groups[key] = (change, [change["b_id"]])
+            groups[group] = (change, [change["b_id"]])
         else:
             found[1].append(change["b_id"])
     connection = await session.connection()
+    dialect = dialect_name(session)
     singles: list[dict[str, Any]] = []
     for change, ids in groups.values():
         if len(ids) == 1:
-            singles.append(change)
+            singles.append({**change, **shared})
             continue
-
-        def own(name: str, _type: Any = None, change: dict[str, Any] = change) -> Any:
-            return change[name]
-
-        await connection.execute(statement(own, member_of(session, table.c.id, ids)))
+        params = {name: value for name, value in change.items() if name != "b_id"}
+        params["b_ids"] = member_values(dialect, table.c.id, ids)
+        grouped = prebuilt(session, f"{key}:grouped", lambda d: build(d, True))
+        await connection.execute(grouped, {**params, **shared})
     if singles:
+        single = prebuilt(session, f"{key}:single", lambda d: build(d, False))
+        await connection.execute(single, singles)
 
-        def bound(name: str, type_: Any = None) -> Any:
-            return bindparam(name, type_=type_)
 
-        await connection.execute(statement(bound, table.c.id == bindparam("b_id")), singles)
+def _match(dialect: str, table: Table, grouped: bool) -> ColumnElement[bool]:
+    if grouped:
+        return member_param(dialect, table.c.id, "b_ids")
+    return table.c.id == bindparam("b_id")
 
 
 async def update_messages(
@@ -358,23 +409,25 @@ async def update_messages(
 ) -> None:
     """``changes``: ``{b_id, b_status, b_reason, b_attempted (0|1), b_sent_at}`` per row. Rows
     with the same outcome (a chunk of sends that all went out) take one statement together."""
-    m = MESSAGES.c
-
-    def statement(field: Field, match: ColumnElement[bool]) -> Any:
-        return (
-            update(MESSAGES)
-            .where(match)
-            .values(
-                status=field("b_status"),
-                reason=field("b_reason"),
-                attempts=m.attempts + field("b_attempted"),
-                sent_at=field("b_sent_at", m.sent_at.type),
-                updated_at=now,
-            )
+    if changes:
+        await _update_grouped(
+            session, changes, MESSAGES, "update_messages", _messages_update, {"b_now": now}
         )
 
-    if changes:
-        await _update_grouped(session, changes, MESSAGES, statement)
+
+def _messages_update(dialect: str, grouped: bool) -> Any:
+    m = MESSAGES.c
+    return (
+        update(MESSAGES)
+        .where(_match(dialect, MESSAGES, grouped))
+        .values(
+            status=bindparam("b_status"),
+            reason=bindparam("b_reason"),
+            attempts=m.attempts + bindparam("b_attempted"),
+            sent_at=bindparam("b_sent_at", type_=m.sent_at.type),
+            updated_at=bindparam("b_now", type_=m.updated_at.type),
+        )
+    )
 
 
 async def update_enrollments(
@@ -384,31 +437,38 @@ async def update_enrollments(
     from: ``{b_id, b_claimed_step, b_status, b_step, b_next_at, b_waiting, b_attempts}``.
     Enrollments moving the same way (a chunk advanced past the same step with the same delay)
     take one statement together; the guard is the same per row either way."""
-    e = ENROLLMENTS.c
-
-    def statement(field: Field, match: ColumnElement[bool]) -> Any:
-        return (
-            update(ENROLLMENTS)
-            .where(
-                match,
-                e.locked_by == worker,
-                e.current_step == field("b_claimed_step"),
-                e.status == "active",
-            )
-            .values(
-                status=field("b_status"),
-                current_step=field("b_step"),
-                next_step_at=field("b_next_at", e.next_step_at.type),
-                waiting_reason=field("b_waiting"),
-                attempts=field("b_attempts"),
-                locked_until=None,
-                locked_by=None,
-                updated_at=now,
-            )
+    if changes:
+        await _update_grouped(
+            session,
+            changes,
+            ENROLLMENTS,
+            "update_enrollments",
+            _enrollments_update,
+            {"b_now": now, "b_worker": worker},
         )
 
-    if changes:
-        await _update_grouped(session, changes, ENROLLMENTS, statement)
+
+def _enrollments_update(dialect: str, grouped: bool) -> Any:
+    e = ENROLLMENTS.c
+    return (
+        update(ENROLLMENTS)
+        .where(
+            _match(dialect, ENROLLMENTS, grouped),
+            e.locked_by == bindparam("b_worker", type_=e.locked_by.type),
+            e.current_step == bindparam("b_claimed_step"),
+            e.status == "active",
+        )
+        .values(
+            status=bindparam("b_status"),
+            current_step=bindparam("b_step"),
+            next_step_at=bindparam("b_next_at", type_=e.next_step_at.type),
+            waiting_reason=bindparam("b_waiting"),
+            attempts=bindparam("b_attempts"),
+            locked_until=None,
+            locked_by=None,
+            updated_at=bindparam("b_now", type_=e.updated_at.type),
+        )
+    )
 
 
 async def release(session: AsyncSession, ids: Iterable[uuid.UUID], *, worker: str) -> None:
@@ -446,6 +506,15 @@ async def still_live(
     wanted = list(ids)
     if not wanted:
         return set()
+    connection = await session.connection()
+    ids = member_values(dialect_name(session), ENROLLMENTS.c.id, wanted)
+    rows = await connection.execute(
+        prebuilt(session, "still_live", _live_statement), {"ids": ids, "worker": worker}
+    )
+    return {row.id for row in rows if row.sequence_active and row.contact}
+
+
+def _live_statement(dialect: str) -> Any:
     e, s, c = ENROLLMENTS.c, SEQUENCES.c, CONTACTS.c
     # The sequence and the contact are looked up per enrollment (correlated subqueries, which
     # the planner cannot turn into joins): as a join, PostgreSQL without statistics started
@@ -458,12 +527,13 @@ async def still_live(
         .correlate(ENROLLMENTS)
     )
     contact_exists = select(c.id).where(c.id == e.contact_id).exists().correlate(ENROLLMENTS)
-    rows = await session.execute(
-        select(
-            e.id, sequence_active.label("sequence_active"), contact_exists.label("contact")
-        ).where(member_of(session, e.id, wanted), e.locked_by == worker, e.status == "active")
+    return select(
+        e.id, sequence_active.label("sequence_active"), contact_exists.label("contact")
+    ).where(
+        member_param(dialect, e.id, "ids"),
+        e.locked_by == bindparam("worker", type_=e.locked_by.type),
+        e.status == "active",
     )
-    return {row.id for row in rows if row.sequence_active and row.contact}
 
 
 @dataclass(frozen=True)

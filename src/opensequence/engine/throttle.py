@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, case, func, or_, select, text, update
+from sqlalchemy import Table, and_, bindparam, case, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from opensequence.db.dialect import prebuilt
 from opensequence.models import Message, SenderLimit
 
 MESSAGES = cast(Table, Message.__table__)
@@ -82,8 +83,10 @@ async def admit(
     rows (or :func:`reserve` reused ones) in this same transaction."""
     if not requests:
         return {}
-    rows = await session.execute(
-        select(LIMITS).where(LIMITS.c.org_id.in_({r.org_id for r in requests}))
+    connection = await session.connection()
+    rows = await connection.execute(
+        prebuilt(session, "sender_limits", _limits_statement),
+        {"orgs": list({r.org_id for r in requests})},
     )
     limits = {(row.org_id, row.sender): row for row in rows}
     if not limits:
@@ -136,6 +139,10 @@ async def admit(
     for window in {w for full in waiting.values() for w in full}:
         frees[window] = await _frees_at(session, window, state[window], now)
     return {token: max(frees[w] for w in full) for token, full in waiting.items()}
+
+
+def _limits_statement(dialect: str) -> Any:
+    return select(LIMITS).where(LIMITS.c.org_id.in_(bindparam("orgs", expanding=True)))
 
 
 async def _usage(
