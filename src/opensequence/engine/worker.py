@@ -667,20 +667,31 @@ class Worker:
         deadline = time.monotonic() + min(RECORD_RETRY_SECONDS, self.lease.total_seconds() / 3)
         pause = 0.1
         failing = False
+
+        def pause_sends() -> None:
+            nonlocal failing
+            if not failing:
+                failing = True
+                self._failing_records += 1
+                self._recording.clear()
+
         try:
             while True:
                 try:
                     async with self.db.transaction() as session:
-                        await repo.update_messages(session, messages, now)
-                        await repo.update_enrollments(session, enrollments, worker=self.id, now=now)
-                        await repo.release(session, released, worker=self.id)
-                        await suppress_bounces(session, bounces, now)
+                        try:
+                            await repo.update_messages(session, messages, now)
+                            await repo.update_enrollments(
+                                session, enrollments, worker=self.id, now=now
+                            )
+                            await repo.release(session, released, worker=self.id)
+                            await suppress_bounces(session, bounces, now)
+                        except (DBAPIError, OSError):
+                            pause_sends()  # now, not after the rollback lets the lanes run
+                            raise
                     break
                 except (DBAPIError, OSError) as exc:
-                    if not failing:
-                        failing = True
-                        self._failing_records += 1
-                        self._recording.clear()
+                    pause_sends()
                     if time.monotonic() + pause > deadline:
                         raise
                     log.warning("recording %d outcomes failed, retrying: %s", len(results), exc)
