@@ -76,6 +76,19 @@ class Claimed:
     attempts: int
 
 
+async def _execute(
+    session: AsyncSession, key: str, build: Callable[[str], Any], params: Any
+) -> Any:
+    """Run the statement :func:`prebuilt` keeps under ``key`` on the session's connection."""
+    connection = await session.connection()
+    return await connection.execute(prebuilt(session, key, build), params)
+
+
+def _members(session: AsyncSession, table: Table, ids: Iterable[uuid.UUID]) -> Any:
+    """The value of a ``member_param`` on ``table``'s id for these ``ids``."""
+    return member_values(dialect_name(session), table.c.id, ids)
+
+
 async def claim_due(
     session: AsyncSession, *, now: datetime, worker: str, lease: timedelta, limit: int
 ) -> list[Claimed]:
@@ -91,8 +104,10 @@ async def claim_due(
         # of 200 took ~60 ms with 100,000 due, against ~9 ms walking the index
         # (bench/fresh_backlog.py).
         await connection.execute(_SORT_OFF)
-    result = await connection.execute(
-        prebuilt(session, "claim_due", _claim_statement),
+    result = await _execute(
+        session,
+        "claim_due",
+        _claim_statement,
         {"now": now, "until": now + lease, "worker": worker, "limit": limit},
     )
     claimed = [Claimed(*row) for row in result.all()]
@@ -142,10 +157,7 @@ _SORT_DEFAULT = text("SET LOCAL enable_sort TO DEFAULT")
 
 
 async def load_sequences(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
-    connection = await session.connection()
-    rows = await connection.execute(
-        prebuilt(session, "load_sequences", _sequences_statement), {"ids": list(set(ids))}
-    )
+    rows = await _execute(session, "load_sequences", _sequences_statement, {"ids": list(set(ids))})
     return {row.id: row for row in rows}
 
 
@@ -159,10 +171,7 @@ def _sequences_statement(dialect: str) -> Any:
 async def load_steps(
     session: AsyncSession, sequence_ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, list[Any]]:
-    connection = await session.connection()
-    rows = await connection.execute(
-        prebuilt(session, "load_steps", _steps_statement), {"ids": list(set(sequence_ids))}
-    )
+    rows = await _execute(session, "load_steps", _steps_statement, {"ids": list(set(sequence_ids))})
     steps: dict[uuid.UUID, list[Any]] = {}
     for row in rows:
         steps.setdefault(row.sequence_id, []).append(row)
@@ -182,11 +191,8 @@ async def load_contacts(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict
     """The batch's contacts, each with ``suppression``: the reason its address is on its
     organization's suppression list, or None (one statement for both: the list is keyed by
     the contact's own ``email_normalized``)."""
-    connection = await session.connection()
-    ids = member_values(dialect_name(session), CONTACTS.c.id, set(ids))
-    rows = await connection.execute(
-        prebuilt(session, "load_contacts", _contacts_statement), {"ids": ids}
-    )
+    members = _members(session, CONTACTS, set(ids))
+    rows = await _execute(session, "load_contacts", _contacts_statement, {"ids": members})
     return {row.id: row for row in rows}
 
 
@@ -254,7 +260,7 @@ async def insert_messages(session: AsyncSession, rows: Seq[dict[str, Any]]) -> s
     fewer rows were written than given, the ones present are this call's."""
     if not rows:
         return set()
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
+    if dialect_name(session) == "postgresql":
         forms = _stored_forms(lambda value: value.isoformat())
         document = json.dumps([{name: form(row[name]) for name, form in forms} for row in rows])
         connection = await session.connection()
@@ -311,11 +317,8 @@ async def load_messages(
     wanted = set(pairs)
     if not wanted:
         return {}
-    connection = await session.connection()
-    ids = member_values(dialect_name(session), ENROLLMENTS.c.id, {pair[0] for pair in wanted})
-    rows = await connection.execute(
-        prebuilt(session, "load_messages", _messages_statement), {"ids": ids}
-    )
+    members = _members(session, ENROLLMENTS, {pair[0] for pair in wanted})
+    rows = await _execute(session, "load_messages", _messages_statement, {"ids": members})
     found = {(row.enrollment_id, row.step_index): row for row in rows}
     return {pair: row for pair, row in found.items() if pair in wanted}
 
@@ -382,20 +385,16 @@ async def _update_grouped(
             groups[group] = (change, [change["b_id"]])
         else:
             found[1].append(change["b_id"])
-    connection = await session.connection()
-    dialect = dialect_name(session)
     singles: list[dict[str, Any]] = []
     for change, ids in groups.values():
         if len(ids) == 1:
             singles.append({**change, **shared})
             continue
         params = {name: value for name, value in change.items() if name != "b_id"}
-        params["b_ids"] = member_values(dialect, table.c.id, ids)
-        grouped = prebuilt(session, f"{key}:grouped", lambda d: build(d, True))
-        await connection.execute(grouped, {**params, **shared})
+        params["b_ids"] = _members(session, table, ids)
+        await _execute(session, f"{key}:grouped", lambda d: build(d, True), {**params, **shared})
     if singles:
-        single = prebuilt(session, f"{key}:single", lambda d: build(d, False))
-        await connection.execute(single, singles)
+        await _execute(session, f"{key}:single", lambda d: build(d, False), singles)
 
 
 def _match(dialect: str, table: Table, grouped: bool) -> ColumnElement[bool]:
@@ -506,10 +505,9 @@ async def still_live(
     wanted = list(ids)
     if not wanted:
         return set()
-    connection = await session.connection()
-    ids = member_values(dialect_name(session), ENROLLMENTS.c.id, wanted)
-    rows = await connection.execute(
-        prebuilt(session, "still_live", _live_statement), {"ids": ids, "worker": worker}
+    members = _members(session, ENROLLMENTS, wanted)
+    rows = await _execute(
+        session, "still_live", _live_statement, {"ids": members, "worker": worker}
     )
     return {row.id for row in rows if row.sequence_active and row.contact}
 
