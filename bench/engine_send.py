@@ -1,5 +1,5 @@
 """Engine throughput: 5,000 messages into an aiosmtpd sink (its own process), against a raw
-aiosmtplib loop that sends the same 5,000 pre-built messages over the same number of pooled
+aiosmtplib loop that sends the same 5,000 messages, pre-built, over the same number of
 connections, in the same run. Engine figures on SQLite and PostgreSQL (one in-process worker),
 and with two ``opensequence worker`` processes on PostgreSQL (already running when the messages
 fall due, so their start-up is not counted).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import httpx
 from sqlalchemy import text
 
 from _common import (
+    STEP,
     WORKER,
     create_pg_database,
     drop_pg_database,
@@ -39,9 +41,13 @@ from opensequence.cli.common import run_async
 from opensequence.config import Settings
 from opensequence.db import Database
 from opensequence.db.migrate import upgrade
+from opensequence.db.types import new_id
 from opensequence.engine.worker import Worker
-from opensequence.mail.message import build_message
+from opensequence.heap import settle
+from opensequence.mail.message import build_message, domain_of, make_message_id
+from opensequence.mail.render import render
 from opensequence.mail.transports import transport_from_url
+from opensequence.unsubscribe import make_token, unsubscribe_url
 
 
 def start_sink_process(port: int) -> subprocess.Popen[str]:
@@ -55,28 +61,48 @@ def start_sink_process(port: int) -> subprocess.Popen[str]:
     return process
 
 
-async def raw_loop(port: int, messages: int, concurrency: int) -> float:
-    """The ceiling: pre-built messages, ``concurrency`` connections each sending its share."""
-    now = datetime.now(UTC)
-    built = [
-        build_message(
-            from_email="bench@example.com",
-            sender_name="Bench",
-            to_email=f"person{i}@example.org",
-            subject=f"Step 0 for person{i}@example.org",
-            html_body=f"<p>Hello Person {i},</p><p>plan pro</p>",
-            message_id=f"<raw-{i}@example.com>",
+def engine_messages(count: int) -> list[tuple[str, bytes]]:
+    """What the engine sends for the seeded contacts (``_common.seed``), built by the same
+    functions it uses: the step's templates rendered for each contact, a signed unsubscribe
+    URL, a Message-ID from a fresh row id, the same MIME. The raw loop sends these, so that
+    both sides hand the sink the same bytes per message (same size and line count)."""
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    secret, org_id, now = os.urandom(32).hex(), new_id(), datetime.now(UTC)
+    data = STEP["data"]
+    built: list[tuple[str, bytes]] = []
+    for i in range(count):
+        email = f"person{i}@example.org"
+        url = unsubscribe_url(settings.public_url, make_token(secret, org_id, new_id()))
+        context = {
+            "contact": {"email": email, "name": f"Person {i}", "custom_data": {"plan": "pro"}},
+            "step": {"index": 0},
+            "unsubscribe_url": url,
+        }
+        message = build_message(
+            from_email=data["from_email"],
+            sender_name=data["email_sender_name"],
+            to_email=email,
+            subject=render(data["email_subject"], context, html=False),
+            html_body=render(data["email_body"], context, html=True),
+            message_id=make_message_id(new_id(), domain_of(data["from_email"])),
             date=now,
-            unsubscribe_url="http://127.0.0.1:8000/unsubscribe/x",
+            unsubscribe_url=url,
         )
-        for i in range(messages)
-    ]
+        built.append((email, message))
+    return built
+
+
+async def raw_loop(port: int, messages: int, concurrency: int) -> float:
+    """The ceiling: the engine's messages pre-built, ``concurrency`` connections each sending
+    its share."""
+    built = engine_messages(messages)
 
     async def lane(first: int) -> None:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
         await client.connect()
         for i in range(first, messages, concurrency):
-            await client.sendmail("bench@example.com", [f"person{i}@example.org"], built[i])
+            recipient, message = built[i]
+            await client.sendmail(STEP["data"]["from_email"], [recipient], message)
         await client.quit()
 
     started = time.perf_counter()
@@ -88,6 +114,10 @@ async def engine_in_process(url: str, port: int, messages: int, concurrency: int
     db = Database(url)
     try:
         await seed(db, messages)
+        # As `opensequence worker` and `serve` do before they start working (opensequence.heap):
+        # without it, each full collection walks this process's whole heap, ~0.1 s in which
+        # every connection waits.
+        settle()
         settings = Settings(
             _env_file=None,  # type: ignore[call-arg]
             database_url=url,
