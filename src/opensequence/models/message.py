@@ -26,9 +26,9 @@ class Message(IdMixin, TimestampMixin, Base):
         Index("ix_messages_org_id_updated_at", "org_id", "updated_at"),
     )
 
-    org_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
-    )
+    # No foreign key of its own (migration 0009): the enrollment's key removes the record with
+    # its organization, and a second key cost every insert a lock on the organization's row.
+    org_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
     enrollment_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey("enrollments.id", ondelete="CASCADE"), nullable=False
     )
