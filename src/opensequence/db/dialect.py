@@ -4,9 +4,14 @@ values" for SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
+import struct
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
+import psycopg
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 from sqlalchemy import (
     BindParameter,
     ColumnElement,
@@ -21,6 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.types import UserDefinedType
 
 T = TypeVar("T")
 
@@ -60,13 +66,57 @@ def member_param(dialect: str, column: Any, name: str) -> ColumnElement[bool]:
 def member_values(dialect: str, column: Any, values: Iterable[Any]) -> Any:
     """The value of a :func:`member_param` parameter holding ``values``."""
     if dialect == "postgresql":
-        return list(values)
+        return UuidArray(values) if isinstance(column.type, Uuid) else list(values)
     stored = [value.hex for value in values] if isinstance(column.type, Uuid) else list(values)
     return json.dumps(stored)
 
 
 def _list_type(dialect: str, column: Any) -> Any:
-    return postgresql.ARRAY(column.type) if dialect == "postgresql" else Text()
+    if dialect != "postgresql":
+        return Text()
+    return _UuidArrayType() if isinstance(column.type, Uuid) else postgresql.ARRAY(column.type)
+
+
+class UuidArray(list[uuid.UUID]):
+    """UUIDs bound as one ``uuid[]`` parameter in PostgreSQL's binary array format.
+
+    psycopg writes a plain list of UUIDs in the text format: each element through the UUID
+    dumper, then a regular-expression test for quoting, ~3 us per element; the engine binds
+    several such lists per message (contacts, send records, the recheck, the outcome
+    updates). The binary form is 20 bytes per element joined in one go. The server sees the
+    same ``uuid[]`` parameter either way, so plans do not change."""
+
+
+_UUID_OID = 2950
+_UUID_ARRAY_OID = 2951
+_ELEMENT_LENGTH = struct.pack("!i", 16)
+
+
+class _UuidArrayDumper(Dumper):
+    format = Format.BINARY
+    oid = _UUID_ARRAY_OID
+
+    def dump(self, obj: UuidArray) -> bytes:
+        if not obj:
+            return struct.pack("!iiI", 0, 0, _UUID_OID)
+        head = struct.pack("!iiIii", 1, 0, _UUID_OID, len(obj), 1)
+        return head + b"".join([_ELEMENT_LENGTH + value.bytes for value in obj])
+
+
+psycopg.adapters.register_dumper(UuidArray, _UuidArrayDumper)
+
+
+class _UuidArrayType(UserDefinedType[list[uuid.UUID]]):
+    """The SQLAlchemy type of a :class:`UuidArray` parameter: no bind processing (ARRAY's
+    would copy it into a plain list), the value's own dumper names it ``uuid[]``."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "UUID[]"
+
+    def bind_processor(self, dialect: Any) -> None:
+        return None
 
 
 def _members(dialect: str, column: Any, parameter: BindParameter[Any]) -> ColumnElement[bool]:
