@@ -33,6 +33,30 @@ def _message_keys(url: str, backend: str) -> set[str]:
         engine.dispose()
 
 
+def _message_shape(url: str, backend: str) -> tuple[object, ...]:
+    """Columns, keys and indexes of ``messages`` besides its foreign keys (SQLite rebuilds
+    the table: nothing else may change)."""
+    engine = _engine(url, backend)
+    try:
+        with engine.connect() as conn:
+            found = inspect(conn)
+            return (
+                [column["name"] for column in found.get_columns("messages")],
+                found.get_pk_constraint("messages")["constrained_columns"],
+                sorted(
+                    (unique["name"], tuple(unique["column_names"]))
+                    for unique in found.get_unique_constraints("messages")
+                ),
+                sorted(
+                    (index["name"], tuple(index["column_names"]))
+                    for index in found.get_indexes("messages")
+                    if not index.get("duplicates_constraint")
+                ),
+            )
+    finally:
+        engine.dispose()
+
+
 def _organization_delete_removes_its_messages(url: str, backend: str) -> None:
     org, seq, run, contact, enrollment = (uuid.uuid4() for _ in range(5))
     now = datetime.now(UTC)
@@ -78,12 +102,16 @@ def _organization_delete_removes_its_messages(url: str, backend: str) -> None:
 
 
 def test_the_messages_org_key_moves_both_ways(empty_url: str, backend: str) -> None:
+    upgrade(empty_url, "0008")
+    shape = _message_shape(empty_url, backend)
     upgrade(empty_url, "0009")
     assert _message_keys(empty_url, backend) == {"enrollments"}
+    assert _message_shape(empty_url, backend) == shape
     _organization_delete_removes_its_messages(empty_url, backend)
 
     command.downgrade(alembic_config(empty_url), "0008")
     assert _message_keys(empty_url, backend) == {"enrollments", "organizations"}
+    assert _message_shape(empty_url, backend) == shape
     _organization_delete_removes_its_messages(empty_url, backend)
 
     upgrade(empty_url, "0009")
