@@ -7,6 +7,8 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
+from psycopg.adapt import PyFormat
+from psycopg.pq import Format
 from sqlalchemy import insert, select
 
 from opensequence.db import Database
@@ -46,6 +48,9 @@ async def test_member_of_selects_exactly_the_given_ids(db: Database, count: int)
         value = member_values(dialect_name(session), ORGS.c.id, given)
         if dialect_name(session) == "postgresql":
             assert isinstance(value, UuidArray)
+            raw = await (await session.connection()).get_raw_connection()
+            dumper = raw.driver_connection.adapters.get_dumper(UuidArray, PyFormat.AUTO)
+            assert dumper.format == Format.BINARY  # registered on every engine connection
         bound = await session.execute(statement, {"ids": value})
         assert set(direct.scalars()) == set(wanted)
         assert set(bound.scalars()) == set(wanted)

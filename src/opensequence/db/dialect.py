@@ -9,8 +9,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
-import psycopg
-from psycopg.adapt import Dumper
+from psycopg.adapt import AdaptersMap, Dumper
 from psycopg.pq import Format
 from sqlalchemy import (
     BindParameter,
@@ -103,7 +102,10 @@ class _UuidArrayDumper(Dumper):
         return head + b"".join([_ELEMENT_LENGTH + value.bytes for value in obj])
 
 
-psycopg.adapters.register_dumper(UuidArray, _UuidArrayDumper)
+def register_uuid_arrays(adapters: AdaptersMap) -> None:
+    """Teach a psycopg connection's adapters to write :class:`UuidArray` (done for every
+    connection the engine opens, :class:`opensequence.db.engine.Database`)."""
+    adapters.register_dumper(UuidArray, _UuidArrayDumper)
 
 
 class _UuidArrayType(UserDefinedType[list[uuid.UUID]]):

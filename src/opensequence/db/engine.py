@@ -19,6 +19,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from opensequence.db.dialect import register_uuid_arrays
+
 
 def _normalise(url: str) -> str:
     if url.startswith("postgres://"):
@@ -80,8 +82,10 @@ class Database:
             # engine ~30 ms a batch under load. Writers still queue on BEGIN IMMEDIATE.
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, connect_args={"timeout": 30})
         self.engine: AsyncEngine = create_async_engine(async_url(url), **kwargs)
-        if not self.is_postgresql:
-            sync_engine = self.engine.sync_engine
+        sync_engine = self.engine.sync_engine
+        if self.is_postgresql:
+            event.listen(sync_engine, "connect", _postgresql_connect)
+        else:
             event.listen(sync_engine, "connect", _sqlite_connect)
             event.listen(sync_engine, "begin", _sqlite_begin_immediate)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
@@ -94,6 +98,10 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def _postgresql_connect(dbapi_connection: Any, _record: Any) -> None:
+    register_uuid_arrays(dbapi_connection.driver_connection.adapters)
 
 
 def _sqlite_connect(dbapi_connection: Any, record: Any) -> None:
