@@ -157,7 +157,8 @@ _SORT_DEFAULT = text("SET LOCAL enable_sort TO DEFAULT")
 
 
 async def load_sequences(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
-    rows = await _execute(session, "load_sequences", _sequences_statement, {"ids": list(set(ids))})
+    members = _members(session, SEQUENCES, set(ids))
+    rows = await _execute(session, "load_sequences", _sequences_statement, {"ids": members})
     return {row.id: row for row in rows}
 
 
@@ -165,13 +166,14 @@ def _sequences_statement(dialect: str) -> Any:
     s = SEQUENCES.c
     return select(
         s.id, s.org_id, s.name, s.custom_id, s.status, s.is_continuous, s.send_window
-    ).where(s.id.in_(bindparam("ids", expanding=True)))
+    ).where(member_param(dialect, s.id, "ids"))
 
 
 async def load_steps(
     session: AsyncSession, sequence_ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, list[Any]]:
-    rows = await _execute(session, "load_steps", _steps_statement, {"ids": list(set(sequence_ids))})
+    members = _members(session, SEQUENCES, set(sequence_ids))
+    rows = await _execute(session, "load_steps", _steps_statement, {"ids": members})
     steps: dict[uuid.UUID, list[Any]] = {}
     for row in rows:
         steps.setdefault(row.sequence_id, []).append(row)
@@ -182,7 +184,7 @@ def _steps_statement(dialect: str) -> Any:
     st = STEPS.c
     return (
         select(st.sequence_id, st.step_index, st.action, st.delay_in_minutes, st.started_at)
-        .where(st.sequence_id.in_(bindparam("ids", expanding=True)))
+        .where(member_param(dialect, st.sequence_id, "ids"))
         .order_by(st.sequence_id, st.step_index)
     )
 
@@ -477,7 +479,7 @@ async def release(session: AsyncSession, ids: Iterable[uuid.UUID], *, worker: st
         e = ENROLLMENTS.c
         await session.execute(
             update(ENROLLMENTS)
-            .where(e.id.in_(wanted), e.locked_by == worker)
+            .where(member_of(session, e.id, wanted), e.locked_by == worker)
             .values(locked_until=None, locked_by=None)
         )
 
@@ -491,7 +493,7 @@ async def renew(
         e = ENROLLMENTS.c
         await session.execute(
             update(ENROLLMENTS)
-            .where(e.id.in_(wanted), e.locked_by == worker, e.status == "active")
+            .where(member_of(session, e.id, wanted), e.locked_by == worker, e.status == "active")
             .values(locked_until=until)
         )
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, case, func, or_, select, text, update
+from sqlalchemy import Table, and_, case, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opensequence.db.dialect import prebuilt
+from opensequence.db.dialect import dialect_name, member_of, member_param, member_values, prebuilt
 from opensequence.models import Message, SenderLimit
 
 MESSAGES = cast(Table, Message.__table__)
@@ -83,10 +83,10 @@ async def admit(
     rows (or :func:`reserve` reused ones) in this same transaction."""
     if not requests:
         return {}
+    orgs = member_values(dialect_name(session), LIMITS.c.org_id, {r.org_id for r in requests})
     connection = await session.connection()
     rows = await connection.execute(
-        prebuilt(session, "sender_limits", _limits_statement),
-        {"orgs": list({r.org_id for r in requests})},
+        prebuilt(session, "sender_limits", _limits_statement), {"orgs": orgs}
     )
     limits = {(row.org_id, row.sender): row for row in rows}
     if not limits:
@@ -142,7 +142,7 @@ async def admit(
 
 
 def _limits_statement(dialect: str) -> Any:
-    return select(LIMITS).where(LIMITS.c.org_id.in_(bindparam("orgs", expanding=True)))
+    return select(LIMITS).where(member_param(dialect, LIMITS.c.org_id, "orgs"))
 
 
 async def _usage(
@@ -215,4 +215,6 @@ async def reserve(session: AsyncSession, message_ids: Iterable[uuid.UUID], now: 
     wanted = list(message_ids)
     if wanted:
         m = MESSAGES.c
-        await session.execute(update(MESSAGES).where(m.id.in_(wanted)).values(updated_at=now))
+        await session.execute(
+            update(MESSAGES).where(member_of(session, m.id, wanted)).values(updated_at=now)
+        )
