@@ -563,6 +563,70 @@ async def test_a_step_keeps_its_first_send_record(db: Database, clock: ManualClo
     assert kept[0].created_at == clock.now()
 
 
+async def test_a_claimed_step_with_a_settled_record_moves_on_without_a_send(
+    db: Database, worker: Worker, sink: SinkServer, clock: ManualClock
+) -> None:
+    """A worker that recorded a step's outcome but lost its lease before advancing leaves the
+    enrollment on that step. The next claim reports the record it finds (and only that one),
+    and the step is not sent again: sent → on to the next step, failed → the enrollment fails.
+    A record of an earlier step does not count."""
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": f"s{i}@x.org"} for i in range(3)])
+    sequence_id = await make_sequence(
+        db, org, [email_step(), email_step(delay=10)], started_at=clock.now()
+    )
+    was_sent, was_failed, fresh = await enroll(db, org, sequence_id, contacts, now=clock.now())
+
+    def record(enrollment_id: uuid.UUID, contact_id: uuid.UUID, step: int, status: str) -> Any:
+        row_id = uuid.uuid4()
+        return {
+            "id": row_id,
+            "org_id": org,
+            "enrollment_id": enrollment_id,
+            "sequence_id": sequence_id,
+            "contact_id": contact_id,
+            "step_index": step,
+            "from_email": "team@acme.test",
+            "to_email": "s@x.org",
+            "status": status,
+            "reason": None,
+            "message_id": f"<{row_id}@acme.test>",
+            "attempts": 1,
+            "created_at": clock.now(),
+            "updated_at": clock.now(),
+        }
+
+    sent = record(was_sent, contacts[0], 0, "sent")
+    failed = record(was_failed, contacts[1], 0, "failed")
+    # An earlier step's record (from a sequence whose steps were renumbered, say) is not this
+    # step's: the enrollment on step 1 has none.
+    earlier = record(fresh, contacts[2], 0, "sent")
+    async with db.transaction() as session:
+        await repo.insert_messages(session, [sent, failed, earlier])
+        await session.execute(
+            update(Enrollment).where(Enrollment.id == fresh).values(current_step=1)
+        )
+    async with db.transaction() as session:
+        claimed = await repo.claim_due(
+            session, now=clock.now(), worker="probe", lease=timedelta(seconds=30), limit=10
+        )
+        await session.rollback()
+    assert {c.id: c.record for c in claimed} == {
+        was_sent: sent["id"],
+        was_failed: failed["id"],
+        fresh: None,
+    }
+
+    await worker.drain()
+    await worker.transport.aclose()
+    assert [m["To"] for m in sink.sink.received] == ["s2@x.org"], "only the fresh step is sent"
+    moved = await enrollment(db, was_sent)
+    assert (moved.status, moved.current_step) == ("active", 1)
+    assert moved.next_step_at == clock.now() + timedelta(minutes=10)
+    assert (await enrollment(db, was_failed)).status == "failed"
+    assert [(m.id, m.status) for m in await messages_of(db, was_sent)] == [(sent["id"], "sent")]
+
+
 async def _index_fetches(session: Any) -> int:
     """Enrollment rows this transaction fetched through an index (a bitmap heap scan counts
     too; a sequential scan, which the planner may choose for a table this small, does not)."""

@@ -34,6 +34,7 @@ from sqlalchemy import (
     bindparam,
     exists,
     func,
+    literal_column,
     or_,
     select,
     text,
@@ -74,6 +75,9 @@ class Claimed:
     contact_id: uuid.UUID
     current_step: int
     attempts: int
+    # The send record this enrollment already has for its current step (a retry, or a resend
+    # after a crash or a shutdown), if any.
+    record: uuid.UUID | None = None
 
 
 async def _execute(
@@ -94,7 +98,10 @@ async def claim_due(
 ) -> list[Claimed]:
     """Lease up to ``limit`` due enrollments to ``worker``, oldest due first, in one
     ``UPDATE … RETURNING`` over a ``LIMIT`` subquery (its rows locked with ``FOR UPDATE SKIP
-    LOCKED`` on PostgreSQL; SQLite's single writer holds the lock already)."""
+    LOCKED`` on PostgreSQL; SQLite's single writer holds the lock already). Each comes with
+    the id of its current step's send record if it has one (:attr:`Claimed.record`), looked
+    up through the ``(enrollment_id, step_index)`` key: most have none, and
+    :func:`load_messages` then reads nothing."""
     postgresql = dialect_name(session) == "postgresql"
     connection = await session.connection()
     if postgresql:
@@ -141,6 +148,17 @@ def _claim_statement(dialect: str) -> Any:
         wanted = e.id == any_(func.array(due.scalar_subquery()))
     else:
         wanted = e.id.in_(due.scalar_subquery())
+    # The enrollment's columns are named with their table: SQLAlchemy writes RETURNING columns
+    # bare on SQLite, where a bare ``id`` inside the subquery would be the message's own.
+    m = MESSAGES.c
+    record = (
+        select(m.id)
+        .where(
+            m.enrollment_id == literal_column(f"{ENROLLMENTS.name}.id"),
+            m.step_index == literal_column(f"{ENROLLMENTS.name}.current_step"),
+        )
+        .scalar_subquery()
+    )
     return (
         update(ENROLLMENTS)
         .where(wanted)
@@ -148,7 +166,15 @@ def _claim_statement(dialect: str) -> Any:
             locked_until=bindparam("until", type_=e.locked_until.type),
             locked_by=bindparam("worker", type_=e.locked_by.type),
         )
-        .returning(e.id, e.org_id, e.sequence_id, e.contact_id, e.current_step, e.attempts)
+        .returning(
+            e.id,
+            e.org_id,
+            e.sequence_id,
+            e.contact_id,
+            e.current_step,
+            e.attempts,
+            record.label("record"),
+        )
     )
 
 
@@ -312,37 +338,30 @@ def _same(value: Any) -> Any:
 
 
 async def load_messages(
-    session: AsyncSession, pairs: Iterable[tuple[uuid.UUID, int]]
+    session: AsyncSession, claimed: Iterable[Claimed]
 ) -> dict[tuple[uuid.UUID, int], Any]:
-    """Send records that already exist for these (enrollment, step) pairs: claimed ones, whose
-    step is the enrollment's ``current_step`` (records of earlier steps are not read)."""
-    wanted = set(pairs)
+    """The send records the ``claimed`` enrollments already have for their current step, by
+    ``(enrollment, step)``; read only for those the claim found one for."""
+    wanted = [item.record for item in claimed if item.record is not None]
     if not wanted:
         return {}
-    members = _members(session, ENROLLMENTS, {pair[0] for pair in wanted})
+    members = _members(session, MESSAGES, wanted)
     rows = await _execute(session, "load_messages", _messages_statement, {"ids": members})
-    found = {(row.enrollment_id, row.step_index): row for row in rows}
-    return {pair: row for pair, row in found.items() if pair in wanted}
+    return {(row.enrollment_id, row.step_index): row for row in rows}
 
 
 def _messages_statement(dialect: str) -> Any:
-    m, e = MESSAGES.c, ENROLLMENTS.c
-    return (
-        select(
-            m.id,
-            m.enrollment_id,
-            m.step_index,
-            m.status,
-            m.reason,
-            m.message_id,
-            m.attempts,
-            m.created_at,
-        )
-        .select_from(
-            MESSAGES.join(ENROLLMENTS, (e.id == m.enrollment_id) & (e.current_step == m.step_index))
-        )
-        .where(member_param(dialect, e.id, "ids"))
-    )
+    m = MESSAGES.c
+    return select(
+        m.id,
+        m.enrollment_id,
+        m.step_index,
+        m.status,
+        m.reason,
+        m.message_id,
+        m.attempts,
+        m.created_at,
+    ).where(member_param(dialect, m.id, "ids"))
 
 
 async def stamp_steps_started(

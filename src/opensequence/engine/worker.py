@@ -269,7 +269,7 @@ class Worker:
         sequences = await repo.load_sequences(session, (c.sequence_id for c in claimed))
         steps = await repo.load_steps(session, sequences)
         contacts = await repo.load_contacts(session, (c.contact_id for c in claimed))
-        existing = await repo.load_messages(session, ((c.id, c.current_step) for c in claimed))
+        existing = await repo.load_messages(session, claimed)
 
         steps_by_index = {
             sequence_id: {row.step_index: row for row in rows}
