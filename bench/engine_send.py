@@ -6,9 +6,12 @@ fall due, so their start-up is not counted).
 
 The raw loop runs before the first engine run and again after each one; an engine figure's
 ratio is against the mean of the raw runs just before and just after it, so that a slow minute
-of a shared machine weighs on both sides of the ratio rather than on one.
+of a shared machine weighs on both sides of the ratio rather than on one. ``--repeat N`` runs the
+whole sequence N times and ends with each configuration's median ratio and range: on a shared
+machine single ratios of the same code move by a fifth from one run to the next.
 
-Usage: ``python bench/engine_send.py [--messages 5000] [--concurrency 20] [--skip-pg]``
+Usage: ``python bench/engine_send.py [--messages 5000] [--concurrency 20] [--skip-pg]
+[--repeat 1]``
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import argparse
 import asyncio
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -195,7 +200,7 @@ async def engine_processes(url: str, port: int, messages: int, concurrency: int,
         await db.dispose()
 
 
-async def main(messages: int, concurrency: int, skip_pg: bool) -> None:
+async def main(messages: int, concurrency: int, skip_pg: bool, repeat: int) -> None:
     port = free_port()
     sink = start_sink_process(port)
     raws: list[float] = []
@@ -207,25 +212,8 @@ async def main(messages: int, concurrency: int, skip_pg: bool) -> None:
 
     try:
         raws.append(await raw_loop(port, messages, concurrency))
-        with tempfile.TemporaryDirectory() as tmp:
-            url = f"sqlite:///{tmp}/bench.db"
-            upgrade(url)
-            rate = await engine_in_process(url, port, messages, concurrency)
-        await raw_after("engine, SQLite, 1 worker", rate)
-        if skip_pg:
-            return
-        url = create_pg_database("osq_bench")
-        try:
-            rate = await engine_in_process(url, port, messages, concurrency)
-        finally:
-            drop_pg_database(url)
-        await raw_after("engine, PostgreSQL, 1 worker", rate)
-        url = create_pg_database("osq_bench")
-        try:
-            rate = await engine_processes(url, port, messages, concurrency, 2)
-        finally:
-            drop_pg_database(url)
-        await raw_after("engine, PostgreSQL, 2 worker processes", rate)
+        for _ in range(repeat):
+            await one_round(port, messages, concurrency, skip_pg, raw_after)
     finally:
         sink.send_signal(signal.SIGTERM)
         sink.wait(timeout=30)
@@ -234,6 +222,43 @@ async def main(messages: int, concurrency: int, skip_pg: bool) -> None:
         for label, rate, around in results:
             ratio = rate / around
             print(f"{label:<40} {rate:6.0f} msg/s  {ratio:.2f}x raw ({around:.0f} around it)")
+        if repeat > 1:
+            print(f"over {repeat} rounds:")
+            for label in dict.fromkeys(label for label, _, _ in results):
+                ratios = [rate / around for name, rate, around in results if name == label]
+                print(
+                    f"{label:<40} median {statistics.median(ratios):.2f}x raw"
+                    f"  ({min(ratios):.2f}-{max(ratios):.2f}x, {len(ratios)} runs)"
+                )
+
+
+async def one_round(
+    port: int,
+    messages: int,
+    concurrency: int,
+    skip_pg: bool,
+    raw_after: Callable[[str, float], Awaitable[None]],
+) -> None:
+    """Each engine configuration once, the raw loop after each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/bench.db"
+        upgrade(url)
+        rate = await engine_in_process(url, port, messages, concurrency)
+    await raw_after("engine, SQLite, 1 worker", rate)
+    if skip_pg:
+        return
+    url = create_pg_database("osq_bench")
+    try:
+        rate = await engine_in_process(url, port, messages, concurrency)
+    finally:
+        drop_pg_database(url)
+    await raw_after("engine, PostgreSQL, 1 worker", rate)
+    url = create_pg_database("osq_bench")
+    try:
+        rate = await engine_processes(url, port, messages, concurrency, 2)
+    finally:
+        drop_pg_database(url)
+    await raw_after("engine, PostgreSQL, 2 worker processes", rate)
 
 
 if __name__ == "__main__":
@@ -241,6 +266,9 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--skip-pg", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every configuration")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     # The event loop `opensequence worker` runs on (uvloop where installed), for both sides.
-    run_async(main(args.messages, args.concurrency, args.skip_pg))
+    run_async(main(args.messages, args.concurrency, args.skip_pg, args.repeat))
