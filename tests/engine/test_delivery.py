@@ -14,6 +14,7 @@ from sqlalchemy import delete, func, select, text, update
 from opensequence.clock import ManualClock
 from opensequence.config import Settings
 from opensequence.db import Database
+from opensequence.deliverability.service import suppress
 from opensequence.engine import repository as repo
 from opensequence.engine.worker import Worker
 from opensequence.mail.transports import transport_from_url
@@ -312,6 +313,57 @@ async def test_a_cancel_committed_while_the_batch_was_prepared_stops_its_sends(
         assert (skipped.status, skipped.reason) == ("skipped", "canceled")
         assert (await enrollment(db, enrollment_id)).status == "canceled"
     assert (await enrollment(db, live)).status == "completed"
+
+
+async def test_a_suppression_committed_while_the_batch_was_prepared_skips_its_sends(
+    db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock
+) -> None:
+    """An unsubscribe takes effect at once (SPEC §6): one that lands after the batch was
+    prepared, before its sends, still stops marketing mail to that address, and a manual
+    suppression stops transactional mail too; an unsubscribe does not stop transactional
+    mail. A skipped step moves the enrollment on, as it does when skipped at prepare."""
+    org = await make_org(db)
+    people = [{"email": e} for e in ("u@x.org", "k@x.org", "t@x.org", "m@x.org")]
+    unsubscribed, kept, transactional, manual = await make_contacts(db, org, people)
+    marketing = await make_sequence(
+        db, org, [email_step(), email_step(delay=10)], started_at=clock.now()
+    )
+    receipts = await make_sequence(
+        db, org, [email_step(transactional=True)], started_at=clock.now(), name="Receipts"
+    )
+    in_marketing = await enroll(db, org, marketing, [unsubscribed, kept], now=clock.now())
+    in_receipts = await enroll(db, org, receipts, [transactional, manual], now=clock.now())
+
+    class SuppressedMeanwhile(Worker):
+        async def _recheck(self, sends: list[Any]) -> list[Any]:
+            assert len(sends) == 4
+            async with db.transaction() as session:
+                for email, reason in (
+                    ("u@x.org", "unsubscribed"),
+                    ("t@x.org", "unsubscribed"),
+                    ("M@x.org", "manual"),
+                ):
+                    await suppress(session, org, email, reason, clock.now())
+            return await super()._recheck(sends)
+
+    transport = transport_from_url(smtp_settings.mail_url, pool_size=4)
+    worker = SuppressedMeanwhile(db, transport, smtp_settings, clock=clock, concurrency=4)
+    try:
+        assert await worker.drain() == 4
+    finally:
+        await transport.aclose()
+    assert sorted(m["To"] for m in sink.sink.received) == ["k@x.org", "t@x.org"]
+    outcomes = {}
+    for enrollment_id in (*in_marketing, *in_receipts):
+        [row] = await messages_of(db, enrollment_id)
+        state = await enrollment(db, enrollment_id)
+        outcomes[row.to_email] = (row.status, row.reason, state.status, state.current_step)
+    assert outcomes == {
+        "u@x.org": ("skipped", "unsubscribed", "active", 1),
+        "k@x.org": ("sent", None, "active", 1),
+        "t@x.org": ("sent", None, "completed", 1),
+        "m@x.org": ("skipped", "suppressed", "completed", 1),
+    }
 
 
 async def test_expired_lease_lets_another_worker_take_over(
@@ -668,7 +720,7 @@ async def test_claims_and_advances_read_little_of_a_fresh_backlog(
         if postgresql:
             fetched = await _index_fetches(session)
             assert fetched < 500, f"rechecking 50 by id fetched {fetched} enrollments"
-    assert live == {claim.id for claim in first}
+    assert live == {claim.id: None for claim in first}, "all live, none suppressed"
     async with db.transaction() as session:
         advanced = [completed(claim.id) for claim in first]
         await repo.update_enrollments(session, advanced, worker="A", now=clock.now())

@@ -9,8 +9,9 @@ Concurrency hazards and how each statement handles them:
 - A worker whose lease expired (it stalled or died) while another took over: every write to an
   enrollment is guarded by ``locked_by = me AND current_step = <claimed step>``, so the stale
   worker's advance matches no row and cannot move the enrollment twice.
-- Cancellation racing a send: the claim only takes ``status = 'active'`` rows and
-  :func:`recheck` re-reads the enrollment, its sequence and its contact right before the
+- Cancellation or an unsubscribe racing a send: the claim only takes ``status = 'active'``
+  rows, and :func:`still_live` (then :func:`recheck` for the missing ones) re-reads the
+  enrollment, its sequence, its contact and the address's suppression right before the
   provider is called.
 """
 
@@ -519,22 +520,29 @@ async def renew(
 
 async def still_live(
     session: AsyncSession, ids: Iterable[uuid.UUID], *, worker: str
-) -> set[uuid.UUID]:
-    """Those of ``ids`` that may still be sent right now: the enrollment is active and leased
-    to ``worker``, its sequence is active and its contact exists. One id per row, so the
-    common answer (all of them) costs little; :func:`recheck` explains the others."""
+) -> dict[uuid.UUID, str | None]:
+    """Those of ``ids`` that may still be sent right now, each with the reason its contact's
+    address is on the organization's suppression list (or None): the enrollment is active and
+    leased to ``worker``, its sequence is active and its contact exists. Whether the
+    suppression blocks the send depends on the mail (transactional or not), which the caller
+    knows. One row per live send, so the common answer (all of them, none suppressed) costs
+    little; :func:`recheck` explains the missing ones."""
     wanted = list(ids)
     if not wanted:
-        return set()
+        return {}
     members = _members(session, ENROLLMENTS, wanted)
     rows = await _execute(
         session, "still_live", _live_statement, {"ids": members, "worker": worker}
     )
-    return {row.id for row in rows if row.sequence_active and row.contact}
+    return {
+        row.id: row.contact or None
+        for row in rows
+        if row.sequence_active and row.contact is not None
+    }
 
 
 def _live_statement(dialect: str) -> Any:
-    e, s, c = ENROLLMENTS.c, SEQUENCES.c, CONTACTS.c
+    e, s, c, sup = ENROLLMENTS.c, SEQUENCES.c, CONTACTS.c, SUPPRESSIONS.c
     # The sequence and the contact are looked up per enrollment (correlated subqueries, which
     # the planner cannot turn into joins): as a join, PostgreSQL without statistics started
     # from the sequence and read all of its enrollments through (sequence_id, contact_id) to
@@ -545,10 +553,22 @@ def _live_statement(dialect: str) -> Any:
         .exists()
         .correlate(ENROLLMENTS)
     )
-    contact_exists = select(c.id).where(c.id == e.contact_id).exists().correlate(ENROLLMENTS)
-    return select(
-        e.id, sequence_active.label("sequence_active"), contact_exists.label("contact")
-    ).where(
+    # The contact and its address's suppression in one lookup: NULL when the contact is gone,
+    # '' when it exists unsuppressed, else the suppression's reason (suppressions are keyed
+    # by organization and normalised address, so there is at most one).
+    contact = (
+        select(func.coalesce(sup.reason, ""))
+        .select_from(
+            CONTACTS.outerjoin(
+                SUPPRESSIONS,
+                (sup.org_id == c.org_id) & (sup.email_normalized == c.email_normalized),
+            )
+        )
+        .where(c.id == e.contact_id)
+        .correlate(ENROLLMENTS)
+        .scalar_subquery()
+    )
+    return select(e.id, sequence_active.label("sequence_active"), contact.label("contact")).where(
         member_param(dialect, e.id, "ids"),
         e.locked_by == bindparam("worker", type_=e.locked_by.type),
         e.status == "active",

@@ -12,7 +12,9 @@ One iteration (:meth:`Worker.run_once`) is three short transactions around the n
    :mod:`opensequence.engine.throttle` reserves slots atomically across workers). COMMIT —
    every send is on record before it leaves.
 2. **send** — concurrently (``concurrency`` at a time), after re-checking that the enrollment,
-   its sequence and its contact are still live.
+   its sequence and its contact are still live and that the address was not suppressed
+   meanwhile (an unsubscribe or a cancel that commits while a batch is prepared still stops
+   its sends).
 3. **finish** — mark messages sent/failed (or schedule the retry) and advance the enrollments,
    each write guarded by the lease it was claimed under; a hard bounce also suppresses the
    address in its organization.
@@ -480,26 +482,42 @@ class Worker:
                 "subject": subject,
                 "body": body,
                 "unsubscribe_url": None if transactional else url,
+                "transactional": transactional,
             },
         )
 
     async def _recheck(self, sends: list[_Send]) -> list[_Send]:
         """Drop sends whose enrollment, sequence or contact stopped being live since the claim
-        (a cancel that committed while the batch was being prepared)."""
+        (a cancel that committed while the batch was being prepared), and skip those whose
+        address got suppressed meanwhile (an unsubscribe takes effect at once, SPEC §6)."""
         if not sends:
             return sends
         async with self.db.transaction() as session:
             live = await repo.still_live(session, (s.claimed.id for s in sends), worker=self.id)
-            if len(live) == len(sends):
+            blocked: dict[uuid.UUID, str] = {}
+            for item in sends:
+                if live.get(item.claimed.id) is not None:
+                    reason = blocking_reason(
+                        live[item.claimed.id], transactional=item.rendered["transactional"]
+                    )
+                    if reason is not None:
+                        blocked[item.claimed.id] = reason
+            if len(live) == len(sends) and not blocked:
                 return sends
             state = await repo.recheck(
                 session, (s.claimed.id for s in sends if s.claimed.id not in live), worker=self.id
             )
-            keep = [item for item in sends if item.claimed.id in live]
+            keep = [i for i in sends if i.claimed.id in live and i.claimed.id not in blocked]
+            now = self.clock.now()
             messages: list[dict[str, Any]] = []
             enrollments: list[dict[str, Any]] = []
             released: list[uuid.UUID] = []
             for item in sends:
+                suppressed = blocked.get(item.claimed.id)
+                if suppressed is not None:
+                    messages.append(_message_change(item.message_row, "skipped", suppressed))
+                    enrollments.append(_advanced(item.claimed, item.next_delay, now))
+                    continue
                 found = state.get(item.claimed.id)
                 if found is None or not found.mine:
                     continue
@@ -511,10 +529,11 @@ class Worker:
                     enrollments.append(_ended(item.claimed, "canceled"))
                 else:
                     released.append(item.claimed.id)
-            now = self.clock.now()
             await repo.update_messages(session, messages, now)
             await repo.update_enrollments(session, enrollments, worker=self.id, now=now)
             await repo.release(session, released, worker=self.id)
+        if blocked:
+            self._count({"skipped": len(blocked)})
         return keep
 
     async def _keep_leases(self, ids: list[uuid.UUID], lease: _Lease, *, renew_now: bool) -> None:
