@@ -6,12 +6,16 @@ success; services only flush.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -50,13 +54,18 @@ def sync_url(url: str) -> str:
     )
 
 
+# SQLite's busy timeout: how long a transaction waits for the write lock before failing with
+# ``database is locked`` (PRAGMA busy_timeout, and the same bound on the in-process queue).
+SQLITE_BUSY_SECONDS = 30.0
+
+
 def configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     """WAL lets readers run beside the single writer; the busy timeout makes writers queue
     instead of failing with ``database is locked``; foreign keys are off by default in SQLite."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -66,6 +75,14 @@ def _sqlite_begin_immediate(conn: Any) -> None:
     # there first, without waiting on busy_timeout. BEGIN IMMEDIATE takes the write lock up front,
     # so concurrent writers queue on the timeout instead.
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# The SQLite databases whose in-process writer turn the current task holds (see
+# Database.transaction): a transaction opened inside another one of the same database does not
+# queue behind itself.
+_HOLDING: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "opensequence_sqlite_turns", default=frozenset()
+)
 
 
 class Database:
@@ -79,8 +96,13 @@ class Database:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
         else:
             # Pooled: opening a SQLite connection (and its PRAGMAs) per transaction cost the
-            # engine ~30 ms a batch under load. Writers still queue on BEGIN IMMEDIATE.
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size, connect_args={"timeout": 30})
+            # engine ~30 ms a batch under load. Each transaction still takes the write lock
+            # (BEGIN IMMEDIATE), in turn (see transaction).
+            kwargs.update(
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                connect_args={"timeout": SQLITE_BUSY_SECONDS},
+            )
         self.engine: AsyncEngine = create_async_engine(async_url(url), **kwargs)
         sync_engine = self.engine.sync_engine
         if self.is_postgresql:
@@ -89,12 +111,36 @@ class Database:
             event.listen(sync_engine, "connect", _sqlite_connect)
             event.listen(sync_engine, "begin", _sqlite_begin_immediate)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time and every transaction here takes the write lock up
+        # front (BEGIN IMMEDIATE). Left to SQLite, the transactions of this process that find
+        # it taken poll for it in the busy handler's growing sleeps (1, 2, 5 … 100 ms), and a
+        # waiter can lose the race to newer ones again and again: the worker's pipelines waited
+        # up to ~340 ms for a lock held a few ms at a time. They queue here instead, in order,
+        # and each gets the lock as the previous transaction ends. Other processes (a CLI
+        # import beside `serve`) still meet the busy handler.
+        self._turn = None if self.is_postgresql else asyncio.Lock()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """A session inside one transaction: committed on success, rolled back on error."""
-        async with self.sessions() as session, session.begin():
-            yield session
+        if self._turn is None or id(self) in _HOLDING.get():
+            async with self.sessions() as session, session.begin():
+                yield session
+            return
+        try:
+            async with asyncio.timeout(SQLITE_BUSY_SECONDS):
+                await self._turn.acquire()
+        except TimeoutError:
+            raise OperationalError(
+                "BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked")
+            ) from None
+        holding = _HOLDING.set(_HOLDING.get() | {id(self)})
+        try:
+            async with self.sessions() as session, session.begin():
+                yield session
+        finally:
+            _HOLDING.reset(holding)
+            self._turn.release()
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -738,7 +738,7 @@ class Worker:
         self._metrics_at = time.monotonic()
         now = self.clock.now()
         try:
-            async with self.db.sessions() as session:
+            async with self.db.transaction() as session:
                 count, oldest = await repo.due_backlog(session, now)
         except DBAPIError:
             return
