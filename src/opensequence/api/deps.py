@@ -53,7 +53,7 @@ def require(scope: str) -> Principal:
         if credentials is None or not credentials.credentials:
             raise Unauthorized("missing Bearer API key", headers=_CHALLENGE)
         db: Database = request.app.state.db
-        async with db.transaction() as session:
+        async with db.reading() as session:
             found = await authenticate(session, credentials.credentials)
         if found is None:
             raise Unauthorized("invalid or revoked API key", headers=_CHALLENGE)

@@ -54,7 +54,7 @@ class IdempotencyMiddleware:
             await send_error_dto(send, 400, f"Idempotency-Key: must be 1-{MAX_KEY} printable chars")
             return
         db: Database = scope["app"].state.db
-        async with db.transaction() as session:
+        async with db.reading() as session:
             principal = await authenticate(session, token)
         if principal is None:
             await self.app(scope, receive, send)  # the route answers 401 as usual

@@ -84,7 +84,7 @@ async def list_contacts(
         Query(max_length=MAX_PHONE, description="Exact phone, E.164-normalized (extension)."),
     ] = None,
 ) -> Page[ContactOut]:
-    async with db.transaction() as session:
+    async with db.reading() as session:
         rows, next_cursor = await service.list_contacts(
             session,
             principal.org_id,
@@ -110,7 +110,7 @@ async def list_contacts(
 async def get_contact(
     contact_id: str, db: DbDep, principal: Principal = require("contacts:read")
 ) -> ContactOut:
-    async with db.transaction() as session:
+    async with db.reading() as session:
         contact = await service.get_contact_by_ref(session, principal.org_id, contact_id)
         return service.to_wire(contact)
 

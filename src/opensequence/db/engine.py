@@ -1,7 +1,8 @@
 """Engine and session factories for SQLite (embedded) and PostgreSQL (scale-out).
 
 Callers own transactions (DESIGN rule 1): :meth:`Database.transaction` opens one and commits on
-success; services only flush.
+success; services only flush. :meth:`Database.reading` opens one that only reads (API key checks
+and ``GET`` handlers): on SQLite it does not wait for the writer.
 """
 
 from __future__ import annotations
@@ -77,6 +78,19 @@ def _sqlite_begin_immediate(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _sqlite_reader_connect(dbapi_connection: Any, record: Any) -> None:
+    _sqlite_connect(dbapi_connection, record)
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA query_only=ON")  # a write in Database.reading() fails at once
+    cursor.close()
+
+
+def _sqlite_begin_deferred(conn: Any) -> None:
+    # A read-only transaction: a snapshot of the database (WAL) taken at its first read, beside
+    # the writer, without its lock.
+    conn.exec_driver_sql("BEGIN")
+
+
 # The SQLite databases whose in-process writer turn the current task holds (see
 # Database.transaction): a transaction opened inside another one of the same database does not
 # queue behind itself.
@@ -119,6 +133,16 @@ class Database:
         # and each gets the lock as the previous transaction ends. Other processes (a CLI
         # import beside `serve`) still meet the busy handler.
         self._turn = None if self.is_postgresql else asyncio.Lock()
+        # SQLite: read-only transactions (reading) on connections of their own, which never
+        # take the write lock nor a turn.
+        self._readers: async_sessionmaker[AsyncSession] | None = None
+        self._reader_engine: AsyncEngine | None = None
+        if not self.is_postgresql:
+            self._reader_engine = create_async_engine(async_url(url), **kwargs)
+            reader_engine = self._reader_engine.sync_engine
+            event.listen(reader_engine, "connect", _sqlite_reader_connect)
+            event.listen(reader_engine, "begin", _sqlite_begin_deferred)
+            self._readers = async_sessionmaker(self._reader_engine, expire_on_commit=False)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -142,8 +166,23 @@ class Database:
             _HOLDING.reset(holding)
             self._turn.release()
 
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncSession]:
+        """A session inside a transaction that only reads. On SQLite it reads a snapshot beside
+        the writer, without the write lock or a turn (a read is not held up by a worker's batch
+        or a sequence start), and a write in it fails with ``attempt to write a readonly
+        database``. On PostgreSQL it is :meth:`transaction`."""
+        if self._readers is None:
+            async with self.transaction() as session:
+                yield session
+            return
+        async with self._readers() as session, session.begin():
+            yield session
+
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._reader_engine is not None:
+            await self._reader_engine.dispose()
 
 
 def _postgresql_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -48,7 +48,7 @@ async def list_suppressions(
     limit: LimitQuery = DEFAULT_LIMIT,
     principal: Principal = require("contacts:read"),
 ) -> SuppressionPage:
-    async with db.transaction() as session:
+    async with db.reading() as session:
         rows, following = await service.list_suppressions(
             session, principal.org_id, cursor=cursor, limit=limit
         )
@@ -110,7 +110,7 @@ async def list_sender_limits(
     limit: LimitQuery = DEFAULT_LIMIT,
     principal: Principal = require("sequences:read"),
 ) -> SenderLimitPage:
-    async with db.transaction() as session:
+    async with db.reading() as session:
         rows, following = await service.list_sender_limits(
             session, principal.org_id, cursor=cursor, limit=limit
         )

@@ -38,7 +38,7 @@ async def list_enrollments(
     limit: LimitQuery = DEFAULT_LIMIT,
     principal: Principal = require("sequences:read"),
 ) -> Page[EnrollmentOut]:
-    async with db.transaction() as session:
+    async with db.reading() as session:
         return await service.list_enrollments(
             session,
             principal.org_id,
@@ -63,7 +63,7 @@ async def list_messages(
     limit: LimitQuery = DEFAULT_LIMIT,
     principal: Principal = require("contacts:read"),
 ) -> Page[MessageOut]:
-    async with db.transaction() as session:
+    async with db.reading() as session:
         return await service.list_messages(
             session, principal.org_id, contact_id, cursor=cursor, limit=limit
         )

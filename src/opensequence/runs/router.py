@@ -98,7 +98,7 @@ async def get_run(
     db: DbDep,
     principal: Principal = require("sequences:read"),
 ) -> RunOut:
-    async with db.transaction() as session:
+    async with db.reading() as session:
         run = await service.get_run(session, principal.org_id, sequence_id, run_id)
     return _run_out(run)
 
@@ -118,7 +118,7 @@ async def list_run_contacts(
     limit: LimitQuery = DEFAULT_LIMIT,
     principal: Principal = require("sequences:read"),
 ) -> RunItemsPage:
-    async with db.transaction() as session:
+    async with db.reading() as session:
         views, next_cursor = await service.list_run_items(
             session,
             principal.org_id,

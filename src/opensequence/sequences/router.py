@@ -72,7 +72,7 @@ async def list_sequences(
     limit: LimitQuery = DEFAULT_LIMIT,
     principal: Principal = require("sequences:read"),
 ) -> Any:
-    async with db.transaction() as session:
+    async with db.reading() as session:
         page = await service.list_sequences(
             session, principal.org_id, status=status, cursor=cursor, limit=limit
         )
@@ -91,7 +91,7 @@ async def get_sequence(
     db: DbDep,
     principal: Principal = require("sequences:read"),
 ) -> Any:
-    async with db.transaction() as session:
+    async with db.reading() as session:
         body = await service.read_sequence(session, principal.org_id, sequence_id)
     return JSONResponse(body)
 
