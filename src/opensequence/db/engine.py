@@ -100,7 +100,8 @@ _HOLDING: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
 
 
 class Database:
-    """One engine plus its session factory. Built by the app lifespan, the worker or the CLI."""
+    """One engine plus its session factory (SQLite: and a second pair for :meth:`reading`).
+    Built by the app lifespan, the worker or the CLI."""
 
     def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
         self.url = url
