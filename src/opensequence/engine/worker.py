@@ -492,18 +492,22 @@ class Worker:
         address got suppressed meanwhile (an unsubscribe takes effect at once, SPEC §6)."""
         if not sends:
             return sends
-        async with self.db.transaction() as session:
+        # Usually everything is still live: a read, which on SQLite does not wait for the
+        # writer. What changed is settled in a transaction of its own (each write is guarded
+        # by the lease, whatever happened in between).
+        async with self.db.reading() as session:
             live = await repo.still_live(session, (s.claimed.id for s in sends), worker=self.id)
-            blocked: dict[uuid.UUID, str] = {}
-            for item in sends:
-                if live.get(item.claimed.id) is not None:
-                    reason = blocking_reason(
-                        live[item.claimed.id], transactional=item.rendered["transactional"]
-                    )
-                    if reason is not None:
-                        blocked[item.claimed.id] = reason
-            if len(live) == len(sends) and not blocked:
-                return sends
+        blocked: dict[uuid.UUID, str] = {}
+        for item in sends:
+            if live.get(item.claimed.id) is not None:
+                reason = blocking_reason(
+                    live[item.claimed.id], transactional=item.rendered["transactional"]
+                )
+                if reason is not None:
+                    blocked[item.claimed.id] = reason
+        if len(live) == len(sends) and not blocked:
+            return sends
+        async with self.db.transaction() as session:
             state = await repo.recheck(
                 session, (s.claimed.id for s in sends if s.claimed.id not in live), worker=self.id
             )
@@ -522,7 +526,7 @@ class Worker:
                 if found is None or not found.mine:
                     continue
                 if found.enrollment_active and found.sequence_active and found.contact_exists:
-                    keep.append(item)  # live by the second read (PostgreSQL: a later snapshot)
+                    keep.append(item)  # live by the second read (a later snapshot)
                     continue
                 messages.append(_message_change(item.message_row, "skipped", "canceled"))
                 if found.enrollment_active:
@@ -738,7 +742,7 @@ class Worker:
         self._metrics_at = time.monotonic()
         now = self.clock.now()
         try:
-            async with self.db.transaction() as session:
+            async with self.db.reading() as session:
                 count, oldest = await repo.due_backlog(session, now)
         except DBAPIError:
             return
