@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mailbox
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,61 @@ async def enrollment(db: Database, enrollment_id: uuid.UUID) -> Enrollment:
         found = await session.get(Enrollment, enrollment_id)
         assert found is not None
         return found
+
+
+def send_record(
+    org: uuid.UUID,
+    sequence_id: uuid.UUID,
+    enrollment_id: uuid.UUID,
+    contact_id: uuid.UUID,
+    now: Any,
+    *,
+    status: str = "sending",
+    attempts: int = 0,
+) -> dict[str, Any]:
+    """A ``messages`` row for step 0 of the enrollment, as the worker writes it."""
+    row_id = uuid.uuid4()
+    return {
+        "id": row_id,
+        "org_id": org,
+        "enrollment_id": enrollment_id,
+        "sequence_id": sequence_id,
+        "contact_id": contact_id,
+        "step_index": 0,
+        "from_email": "team@acme.test",
+        "to_email": "p@x.org",
+        "status": status,
+        "reason": None,
+        "message_id": f"<{row_id}@acme.test>",
+        "attempts": attempts,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+async def drain_changing_before_the_sends(
+    db: Database,
+    smtp_settings: Settings,
+    clock: ManualClock,
+    change: Callable[[], Awaitable[None]],
+    *,
+    batch: int,
+) -> None:
+    """Drain with a worker that runs ``change`` once its batch of ``batch`` is claimed and its
+    send records are committed, right before the pre-send recheck."""
+
+    class ChangedMeanwhile(Worker):
+        async def _recheck(self, sends: list[Any]) -> list[Any]:
+            assert len(sends) == batch
+            await change()
+            return await super()._recheck(sends)
+
+    transport = transport_from_url(smtp_settings.mail_url, pool_size=4)
+    worker = ChangedMeanwhile(db, transport, smtp_settings, clock=clock, concurrency=4)
+    try:
+        assert await worker.drain() == batch
+    finally:
+        await transport.aclose()
 
 
 async def test_three_steps_delivered_in_order_rendered_with_headers(
@@ -294,19 +350,10 @@ async def test_a_cancel_committed_while_the_batch_was_prepared_stops_its_sends(
     [in_canceled] = await enroll(db, org, canceled_seq, contacts[:1], now=clock.now())
     deleted, live = await enroll(db, org, other, contacts[1:], now=clock.now())
 
-    class CanceledMeanwhile(Worker):
-        async def _recheck(self, sends: list[Any]) -> list[Any]:
-            # The batch is claimed and its send records committed; now the cancels land.
-            assert len(sends) == 3
-            await cancel_and_delete(db, canceled_seq, contacts[1], clock)
-            return await super()._recheck(sends)
+    async def cancels() -> None:
+        await cancel_and_delete(db, canceled_seq, contacts[1], clock)
 
-    transport = transport_from_url(smtp_settings.mail_url, pool_size=4)
-    worker = CanceledMeanwhile(db, transport, smtp_settings, clock=clock, concurrency=4)
-    try:
-        assert await worker.drain() == 3
-    finally:
-        await transport.aclose()
+    await drain_changing_before_the_sends(db, smtp_settings, clock, cancels, batch=3)
     assert [m["To"] for m in sink.sink.received] == ["c@x.org"]
     for enrollment_id in (in_canceled, deleted):
         [skipped] = await messages_of(db, enrollment_id)
@@ -334,24 +381,16 @@ async def test_a_suppression_committed_while_the_batch_was_prepared_skips_its_se
     in_marketing = await enroll(db, org, marketing, [unsubscribed, kept], now=clock.now())
     in_receipts = await enroll(db, org, receipts, [transactional, manual], now=clock.now())
 
-    class SuppressedMeanwhile(Worker):
-        async def _recheck(self, sends: list[Any]) -> list[Any]:
-            assert len(sends) == 4
-            async with db.transaction() as session:
-                for email, reason in (
-                    ("u@x.org", "unsubscribed"),
-                    ("t@x.org", "unsubscribed"),
-                    ("M@x.org", "manual"),
-                ):
-                    await suppress(session, org, email, reason, clock.now())
-            return await super()._recheck(sends)
+    async def suppressions() -> None:
+        async with db.transaction() as session:
+            for email, reason in (
+                ("u@x.org", "unsubscribed"),
+                ("t@x.org", "unsubscribed"),
+                ("M@x.org", "manual"),
+            ):
+                await suppress(session, org, email, reason, clock.now())
 
-    transport = transport_from_url(smtp_settings.mail_url, pool_size=4)
-    worker = SuppressedMeanwhile(db, transport, smtp_settings, clock=clock, concurrency=4)
-    try:
-        assert await worker.drain() == 4
-    finally:
-        await transport.aclose()
+    await drain_changing_before_the_sends(db, smtp_settings, clock, suppressions, batch=4)
     assert sorted(m["To"] for m in sink.sink.received) == ["k@x.org", "t@x.org"]
     outcomes = {}
     for enrollment_id in (*in_marketing, *in_receipts):
@@ -582,24 +621,8 @@ async def test_a_step_keeps_its_first_send_record(db: Database, clock: ManualClo
     sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
     enrollments = await enroll(db, org, sequence_id, contacts, now=clock.now())
 
-    def record(enrollment_id: uuid.UUID, contact_id: uuid.UUID) -> dict[str, object]:
-        row_id = uuid.uuid4()
-        return {
-            "id": row_id,
-            "org_id": org,
-            "enrollment_id": enrollment_id,
-            "sequence_id": sequence_id,
-            "contact_id": contact_id,
-            "step_index": 0,
-            "from_email": "team@acme.test",
-            "to_email": "p@x.org",
-            "status": "sending",
-            "reason": None,
-            "message_id": f"<{row_id}@acme.test>",
-            "attempts": 0,
-            "created_at": clock.now(),
-            "updated_at": clock.now(),
-        }
+    def record(enrollment_id: uuid.UUID, contact_id: uuid.UUID) -> dict[str, Any]:
+        return send_record(org, sequence_id, enrollment_id, contact_id, clock.now())
 
     first = record(enrollments[0], contacts[0])
     async with db.transaction() as session:
@@ -629,30 +652,16 @@ async def test_a_claimed_step_with_a_settled_record_moves_on_without_a_send(
     )
     was_sent, was_failed, fresh = await enroll(db, org, sequence_id, contacts, now=clock.now())
 
-    def record(enrollment_id: uuid.UUID, contact_id: uuid.UUID, step: int, status: str) -> Any:
-        row_id = uuid.uuid4()
-        return {
-            "id": row_id,
-            "org_id": org,
-            "enrollment_id": enrollment_id,
-            "sequence_id": sequence_id,
-            "contact_id": contact_id,
-            "step_index": step,
-            "from_email": "team@acme.test",
-            "to_email": "s@x.org",
-            "status": status,
-            "reason": None,
-            "message_id": f"<{row_id}@acme.test>",
-            "attempts": 1,
-            "created_at": clock.now(),
-            "updated_at": clock.now(),
-        }
+    def record(enrollment_id: uuid.UUID, contact_id: uuid.UUID, status: str) -> dict[str, Any]:
+        return send_record(
+            org, sequence_id, enrollment_id, contact_id, clock.now(), status=status, attempts=1
+        )
 
-    sent = record(was_sent, contacts[0], 0, "sent")
-    failed = record(was_failed, contacts[1], 0, "failed")
+    sent = record(was_sent, contacts[0], "sent")
+    failed = record(was_failed, contacts[1], "failed")
     # An earlier step's record (from a sequence whose steps were renumbered, say) is not this
     # step's: the enrollment on step 1 has none.
-    earlier = record(fresh, contacts[2], 0, "sent")
+    earlier = record(fresh, contacts[2], "sent")
     async with db.transaction() as session:
         await repo.insert_messages(session, [sent, failed, earlier])
         await session.execute(
