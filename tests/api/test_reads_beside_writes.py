@@ -51,12 +51,14 @@ async def test_api_reads_answer_while_a_write_transaction_is_open(
             tenant.client.get(f"/contacts/{created.json()['id']}"), timeout=10
         )
         sequences = await asyncio.wait_for(tenant.client.get("/sequences"), timeout=10)
+        ready = await asyncio.wait_for(tenant.client.get("/readyz"), timeout=10)
     finally:
         release.set()
         await writer
     assert listed.status_code == 200, listed.text
     assert [c["email"] for c in listed.json()["items"]] == ["a@x.org"], "only what was committed"
     assert one.status_code == 200 and sequences.status_code == 200
+    assert ready.json() == {"status": "ok", "database": "ok"}
     after = await tenant.client.get("/contacts")
     assert sorted(c["email"] for c in after.json()["items"]) == ["a@x.org", "uncommitted@x.org"]
 
