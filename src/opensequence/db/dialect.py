@@ -142,3 +142,12 @@ def prebuilt(session: AsyncSession, key: str, build: Callable[[str], T]) -> T:
     if statement is None:
         statement = _PREBUILT[(key, dialect)] = build(dialect)
     return cast(T, statement)
+
+
+async def execute_prebuilt(
+    session: AsyncSession, key: str, build: Callable[[str], Any], params: Any
+) -> Any:
+    """Run the statement :func:`prebuilt` keeps under ``key`` on the session's connection
+    (Core execution: no ORM layer between the statement and the driver)."""
+    connection = await session.connection()
+    return await connection.execute(prebuilt(session, key, build), params)

@@ -46,10 +46,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from opensequence.db.bulk import sqlite_datetime, sqlite_executemany, sqlite_uuid
 from opensequence.db.dialect import (
     dialect_name,
+    execute_prebuilt,
     member_of,
     member_param,
     member_values,
-    prebuilt,
 )
 from opensequence.models import (
     Contact,
@@ -81,14 +81,6 @@ class Claimed:
     record: uuid.UUID | None = None
 
 
-async def _execute(
-    session: AsyncSession, key: str, build: Callable[[str], Any], params: Any
-) -> Any:
-    """Run the statement :func:`prebuilt` keeps under ``key`` on the session's connection."""
-    connection = await session.connection()
-    return await connection.execute(prebuilt(session, key, build), params)
-
-
 def _members(session: AsyncSession, table: Table, ids: Iterable[uuid.UUID]) -> Any:
     """The value of a ``member_param`` on ``table``'s id for these ``ids``."""
     return member_values(dialect_name(session), table.c.id, ids)
@@ -112,7 +104,7 @@ async def claim_due(
         # of 200 took ~60 ms with 100,000 due, against ~9 ms walking the index
         # (bench/fresh_backlog.py).
         await connection.execute(_SORT_OFF)
-    result = await _execute(
+    result = await execute_prebuilt(
         session,
         "claim_due",
         _claim_statement,
@@ -185,7 +177,7 @@ _SORT_DEFAULT = text("SET LOCAL enable_sort TO DEFAULT")
 
 async def load_sequences(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
     members = _members(session, SEQUENCES, set(ids))
-    rows = await _execute(session, "load_sequences", _sequences_statement, {"ids": members})
+    rows = await execute_prebuilt(session, "load_sequences", _sequences_statement, {"ids": members})
     return {row.id: row for row in rows}
 
 
@@ -200,7 +192,7 @@ async def load_steps(
     session: AsyncSession, sequence_ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, list[Any]]:
     members = _members(session, SEQUENCES, set(sequence_ids))
-    rows = await _execute(session, "load_steps", _steps_statement, {"ids": members})
+    rows = await execute_prebuilt(session, "load_steps", _steps_statement, {"ids": members})
     steps: dict[uuid.UUID, list[Any]] = {}
     for row in rows:
         steps.setdefault(row.sequence_id, []).append(row)
@@ -221,7 +213,7 @@ async def load_contacts(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict
     organization's suppression list, or None (one statement for both: the list is keyed by
     the contact's own ``email_normalized``)."""
     members = _members(session, CONTACTS, set(ids))
-    rows = await _execute(session, "load_contacts", _contacts_statement, {"ids": members})
+    rows = await execute_prebuilt(session, "load_contacts", _contacts_statement, {"ids": members})
     return {row.id: row for row in rows}
 
 
@@ -347,7 +339,7 @@ async def load_messages(
     if not wanted:
         return {}
     members = _members(session, MESSAGES, wanted)
-    rows = await _execute(session, "load_messages", _messages_statement, {"ids": members})
+    rows = await execute_prebuilt(session, "load_messages", _messages_statement, {"ids": members})
     return {(row.enrollment_id, row.step_index): row for row in rows}
 
 
@@ -414,9 +406,11 @@ async def _update_grouped(
             continue
         params = {name: value for name, value in change.items() if name != "b_id"}
         params["b_ids"] = _members(session, table, ids)
-        await _execute(session, f"{key}:grouped", lambda d: build(d, True), {**params, **shared})
+        await execute_prebuilt(
+            session, f"{key}:grouped", lambda d: build(d, True), {**params, **shared}
+        )
     if singles:
-        await _execute(session, f"{key}:single", lambda d: build(d, False), singles)
+        await execute_prebuilt(session, f"{key}:single", lambda d: build(d, False), singles)
 
 
 def _match(dialect: str, table: Table, grouped: bool) -> ColumnElement[bool]:
@@ -531,7 +525,7 @@ async def still_live(
     if not wanted:
         return {}
     members = _members(session, ENROLLMENTS, wanted)
-    rows = await _execute(
+    rows = await execute_prebuilt(
         session, "still_live", _live_statement, {"ids": members, "worker": worker}
     )
     return {

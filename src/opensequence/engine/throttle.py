@@ -31,7 +31,13 @@ from typing import Any, cast
 from sqlalchemy import Table, and_, case, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opensequence.db.dialect import dialect_name, member_of, member_param, member_values, prebuilt
+from opensequence.db.dialect import (
+    dialect_name,
+    execute_prebuilt,
+    member_of,
+    member_param,
+    member_values,
+)
 from opensequence.models import Message, SenderLimit
 
 MESSAGES = cast(Table, Message.__table__)
@@ -84,10 +90,7 @@ async def admit(
     if not requests:
         return {}
     orgs = member_values(dialect_name(session), LIMITS.c.org_id, {r.org_id for r in requests})
-    connection = await session.connection()
-    rows = await connection.execute(
-        prebuilt(session, "sender_limits", _limits_statement), {"orgs": orgs}
-    )
+    rows = await execute_prebuilt(session, "sender_limits", _limits_statement, {"orgs": orgs})
     limits = {(row.org_id, row.sender): row for row in rows}
     if not limits:
         return {}
