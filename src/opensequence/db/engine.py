@@ -148,9 +148,15 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """A session inside one transaction: committed on success, rolled back on error."""
+        async with self._writer_turn(), self.sessions() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def _writer_turn(self) -> AsyncIterator[None]:
+        """SQLite: wait for this process's turn at the write lock (see ``_turn``), unless the
+        task already holds it. PostgreSQL: nothing to wait for."""
         if self._turn is None or id(self) in _HOLDING.get():
-            async with self.sessions() as session, session.begin():
-                yield session
+            yield
             return
         try:
             async with asyncio.timeout(SQLITE_BUSY_SECONDS):
@@ -161,8 +167,7 @@ class Database:
             ) from None
         holding = _HOLDING.set(_HOLDING.get() | {id(self)})
         try:
-            async with self.sessions() as session, session.begin():
-                yield session
+            yield
         finally:
             _HOLDING.reset(holding)
             self._turn.release()
