@@ -497,14 +497,16 @@ class Worker:
         # by the lease, whatever happened in between).
         async with self.db.reading() as session:
             live = await repo.still_live(session, (s.claimed.id for s in sends), worker=self.id)
-        blocked: dict[uuid.UUID, str] = {}
-        for item in sends:
-            if live.get(item.claimed.id) is not None:
-                reason = blocking_reason(
-                    live[item.claimed.id], transactional=item.rendered["transactional"]
+        blocked = {
+            item.claimed.id: reason
+            for item in sends
+            if (
+                reason := blocking_reason(
+                    live.get(item.claimed.id), transactional=item.rendered["transactional"]
                 )
-                if reason is not None:
-                    blocked[item.claimed.id] = reason
+            )
+            is not None
+        }
         if len(live) == len(sends) and not blocked:
             return sends
         async with self.db.transaction() as session:
