@@ -58,6 +58,7 @@ from opensequence.engine import repository as repo
 from opensequence.engine import throttle
 from opensequence.engine.metrics import EngineMetrics
 from opensequence.engine.retry import GiveUp, RetryPolicy
+from opensequence.engine.slices import Slices
 from opensequence.engine.window import next_opening, zone_for
 from opensequence.mail.dkim import signing_transport
 from opensequence.mail.errors import PermanentSendError, SendError, TransientSendError
@@ -287,7 +288,9 @@ class Worker:
         finished: dict[str, int] = {}
         one_off = False
 
+        slices = Slices()
         for item in claimed:
+            await slices.pause()
             sequence = sequences.get(item.sequence_id)
             contact = contacts.get(item.contact_id)
             if sequence is not None and not sequence.is_continuous:
@@ -404,6 +407,7 @@ class Worker:
 
         sends: list[_Send] = []
         for item, row_id, attempts, first_at, decision, message_id, next_delay in pending:
+            await slices.pause()
             assert decision.rendered is not None
             sends.append(
                 _Send(
