@@ -268,6 +268,7 @@ class Worker:
     async def _prepare(
         self, session: AsyncSession, claimed: list[repo.Claimed], now: datetime
     ) -> tuple[list[_Send], bool]:
+        slices = Slices()
         secret = await self._secret_key(session)
         sequences = await repo.load_sequences(session, (c.sequence_id for c in claimed))
         steps = await repo.load_steps(session, sequences)
@@ -288,7 +289,6 @@ class Worker:
         finished: dict[str, int] = {}
         one_off = False
 
-        slices = Slices()
         for item in claimed:
             await slices.pause()
             sequence = sequences.get(item.sequence_id)
