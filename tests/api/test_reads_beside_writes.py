@@ -67,7 +67,7 @@ async def test_a_write_inside_a_reading_transaction_fails_and_changes_nothing(
     tenant: Tenant, db: Database, backend: str
 ) -> None:
     if backend != "sqlite":
-        pytest.skip("on PostgreSQL reading() is an ordinary transaction")
+        pytest.skip("on PostgreSQL reading() runs in autocommit and does not refuse writes")
     with pytest.raises(OperationalError, match="readonly"):
         async with db.reading() as session:
             await session.execute(text("DELETE FROM organizations"))

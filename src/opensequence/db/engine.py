@@ -126,6 +126,16 @@ class Database:
             event.listen(sync_engine, "connect", _sqlite_connect)
             event.listen(sync_engine, "begin", _sqlite_begin_immediate)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # PostgreSQL: reads (reading) run each statement on its own, in autocommit, on the same
+        # pool. Under READ COMMITTED every statement of a transaction sees its own snapshot
+        # anyway, so this reads exactly what a transaction would, without its BEGIN and
+        # COMMIT: two of a single-statement read's three round trips.
+        self._autocommit: async_sessionmaker[AsyncSession] | None = None
+        if self.is_postgresql:
+            self._autocommit = async_sessionmaker(
+                self.engine.execution_options(isolation_level="AUTOCOMMIT"),
+                expire_on_commit=False,
+            )
         # SQLite has one writer at a time and every transaction here takes the write lock up
         # front (BEGIN IMMEDIATE). Left to SQLite, the transactions of this process that find
         # it taken poll for it in the busy handler's growing sleeps (1, 2, 5 … 100 ms), and a
@@ -174,14 +184,17 @@ class Database:
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:
-        """A session inside a transaction that only reads. On SQLite it reads a snapshot beside
-        the writer, without the write lock or a turn (a read is not held up by a worker's batch
-        or a sequence start), and a write in it fails with ``attempt to write a readonly
-        database``. On PostgreSQL it is :meth:`transaction`."""
-        if self._readers is None:
-            async with self.transaction() as session:
+        """A session that only reads. On SQLite it reads a snapshot beside the writer, without
+        the write lock or a turn (a read is not held up by a worker's batch or a sequence
+        start), and a write in it fails with ``attempt to write a readonly database``. On
+        PostgreSQL its statements run in autocommit, each its own transaction: a read sees what
+        it would inside one (READ COMMITTED), without the round trips of BEGIN and COMMIT;
+        nothing stops a write there, and one would commit at once."""
+        if self._autocommit is not None:
+            async with self._autocommit() as session:
                 yield session
             return
+        assert self._readers is not None
         async with self._readers() as session, session.begin():
             yield session
 
