@@ -22,7 +22,8 @@ class Message(IdMixin, TimestampMixin, Base):
     __table_args__ = (
         UniqueConstraint("enrollment_id", "step_index"),
         Index("ix_messages_contact_id_created_at", "contact_id", "created_at"),
-        Index("ix_messages_org_id_from_email_sent_at", "org_id", "from_email", "sent_at"),
+        # The per-sender throttle counts through this one (migration 0006); nothing looks send
+        # records up by ``sent_at`` (migration 0010).
         Index("ix_messages_org_id_updated_at", "org_id", "updated_at"),
     )
 
