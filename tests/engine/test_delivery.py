@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import mailbox
 import uuid
 from collections.abc import Awaitable, Callable
@@ -499,6 +500,79 @@ async def test_when_recording_fails_the_rest_of_the_batch_is_not_sent(
         await later.transport.aclose()
     received = [m["Message-ID"] for m in sink.sink.received]
     assert len(set(received)) == 60  # every message, the resent ones with their Message-ID
+
+
+async def test_when_the_send_records_cannot_be_written_the_claims_go_back_at_once(
+    db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock
+) -> None:
+    """The batch is claimed and decided, then writing its send records fails: nothing of it
+    is on record, so its claims are let go at once (not when their leases run out) and the
+    next iteration, at the same instant, takes and sends the whole batch."""
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(5)])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    enrolled = await enroll(db, org, sequence_id, contacts, now=clock.now())
+
+    class RecordsFailOnce(Worker):
+        failed = False
+
+        async def _record(self, session: Any, plan: Any, loaded: Any, now: Any) -> None:
+            if not self.failed:
+                self.failed = True
+                raise OSError("database connection lost")
+            await super()._record(session, plan, loaded, now)
+
+    transport = transport_from_url(smtp_settings.mail_url, pool_size=2)
+    worker = RecordsFailOnce(db, transport, smtp_settings, clock=clock, concurrency=2)
+    try:
+        with pytest.raises(OSError, match="database connection lost"):
+            await worker.run_once()
+        async with db.transaction() as session:
+            assert await session.scalar(select(func.count()).select_from(Message)) == 0
+            leased = await session.scalars(
+                select(Enrollment.locked_by).where(Enrollment.id.in_(enrolled))
+            )
+            assert list(leased) == [None] * 5
+        assert await worker.drain() == 5
+    finally:
+        await transport.aclose()
+    assert sorted(m["To"] for m in sink.sink.received) == [f"p{i}@x.org" for i in range(5)]
+
+
+async def test_writes_go_ahead_while_a_claimed_batch_is_being_decided(
+    db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock
+) -> None:
+    """Deciding and rendering a batch runs between the claim's transaction and the records':
+    on SQLite, whose single writer would otherwise be held all along, a write (an API
+    request) in the meantime goes ahead instead of waiting for the batch."""
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": "a@x.org"}, {"email": "b@x.org"}])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    deciding = asyncio.Event()
+    written = asyncio.Event()
+
+    class Observed(Worker):
+        async def _plan(self, claimed: Any, loaded: Any, now: Any) -> Any:
+            deciding.set()
+            await written.wait()
+            return await super()._plan(claimed, loaded, now)
+
+    async def write_meanwhile() -> None:
+        async with asyncio.timeout(10):
+            await deciding.wait()
+        async with asyncio.timeout(5), db.transaction() as session:
+            await session.execute(update(Contact).where(Contact.id == contacts[0]).values(name="A"))
+        written.set()
+
+    transport = transport_from_url(smtp_settings.mail_url, pool_size=2)
+    worker = Observed(db, transport, smtp_settings, clock=clock, concurrency=2)
+    try:
+        claimed, _ = await asyncio.gather(worker.run_once(), write_meanwhile())
+    finally:
+        await transport.aclose()
+    assert claimed == 2
+    assert sorted(m["To"] for m in sink.sink.received) == ["a@x.org", "b@x.org"]
 
 
 async def test_no_send_starts_while_outcomes_cannot_be_recorded(

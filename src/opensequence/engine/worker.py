@@ -1,16 +1,18 @@
 """The delivery worker: claim a batch of due enrollments, record, send, record, advance.
 
-One iteration (:meth:`Worker.run_once`) is three short transactions around the network:
+One iteration (:meth:`Worker.run_once`) is short transactions around the network:
 
-1. **claim + prepare** — lease due enrollments, load their sequences, steps and contacts,
-   render, and insert one ``messages`` row per (enrollment, step) as ``sending`` (``ON CONFLICT
-   DO NOTHING`` + re-read: a row left ``sending`` by a crashed worker is reused, so the resend
-   carries the same Message-ID). Steps that need no provider call (skips, template errors,
-   cancellations) are settled here too. Deliverability is decided here as well: a suppressed
-   address is skipped (one query for the batch's addresses), a send outside its sequence's
-   send window waits (``outside_window``) and a send over a sender limit waits (``throttled``;
-   :mod:`opensequence.engine.throttle` reserves slots atomically across workers). COMMIT —
-   every send is on record before it leaves.
+1. **claim, decide, record** — lease due enrollments and load their sequences, steps and
+   contacts (a transaction); decide and render each step, with no transaction open (the
+   claims are leased to this worker); then, in a second transaction, insert one ``messages``
+   row per (enrollment, step) as ``sending`` (``ON CONFLICT DO NOTHING`` + re-read: a row left
+   ``sending`` by a crashed worker is reused, so the resend carries the same Message-ID).
+   Steps that need no provider call (skips, template errors, cancellations) are settled there
+   too. Deliverability is decided here as well: a suppressed address is skipped (one query for
+   the batch's addresses), a send outside its sequence's send window waits (``outside_window``)
+   and a send over a sender limit waits (``throttled``; :mod:`opensequence.engine.throttle`
+   reserves slots atomically across workers, in the recording transaction). COMMIT — every
+   send is on record before it leaves. If deciding or recording fails, the claims are released.
 2. **send** — concurrently (``concurrency`` at a time), after re-checking that the enrollment,
    its sequence and its contact are still live and that the address was not suppressed
    meanwhile (an unsubscribe or a cancel that commits while a batch is prepared still stops
@@ -37,7 +39,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -122,6 +124,35 @@ class _Decision:
     status: str
     reason: str | None = None
     rendered: dict[str, Any] | None = None
+
+
+@dataclass
+class _Loaded:
+    """What :meth:`Worker._load` read for a claimed batch."""
+
+    secret: str
+    sequences: dict[uuid.UUID, Any]
+    steps: dict[uuid.UUID, Any]
+    contacts: dict[uuid.UUID, Any]
+    existing: dict[tuple[uuid.UUID, int], Any]
+
+
+_Pending = tuple[repo.Claimed, uuid.UUID, int, datetime, _Decision, str, float | None]
+
+
+@dataclass
+class _Plan:
+    """A claimed batch decided (:meth:`Worker._plan`), before it is recorded: the sends to
+    make (``pending``: claim, send record id, attempts so far, first attempt, decision,
+    Message-ID, the next step's delay) and every other change."""
+
+    enrollment_changes: list[dict[str, Any]] = field(default_factory=list)
+    message_changes: list[dict[str, Any]] = field(default_factory=list)
+    new_rows: list[dict[str, Any]] = field(default_factory=list)
+    started: list[tuple[uuid.UUID, uuid.UUID, int]] = field(default_factory=list)
+    pending: list[_Pending] = field(default_factory=list)
+    finished: dict[str, int] = field(default_factory=dict)
+    one_off: bool = False
 
 
 class Worker:
@@ -235,7 +266,19 @@ class Worker:
             if not claimed:
                 return 0
             log.debug("worker %s claimed %d due enrollments", self.id, len(claimed))
-            sends, one_off = await self._prepare(session, claimed, now)
+            loaded = await self._load(session, claimed)
+        try:
+            plan = await self._plan(claimed, loaded, now)
+            async with self.db.transaction() as session:
+                await self._record(session, plan, loaded, now)
+        except Exception:
+            # Nothing of the batch was recorded: let the claims go now rather than when their
+            # leases run out, as a rolled-back claim would.
+            await self._release_quietly([item.id for item in claimed])
+            raise
+        self._count(plan.finished)
+        sends = await self._sends(plan, loaded, now)
+        one_off = plan.one_off
         lease = _Lease(now + self.lease)
         sends = await self._recheck(sends)
         late = self.clock.now() - now > self.lease / 3
@@ -265,69 +308,72 @@ class Worker:
             self._secret = await load_secret(session, self.settings.secret_key)
         return self._secret
 
-    async def _prepare(
-        self, session: AsyncSession, claimed: list[repo.Claimed], now: datetime
-    ) -> tuple[list[_Send], bool]:
-        slices = Slices()
+    async def _load(self, session: AsyncSession, claimed: list[repo.Claimed]) -> _Loaded:
+        """What deciding a claimed batch needs: its sequences, their steps, its contacts (with
+        their suppressions) and the send records it already has."""
         secret = await self._secret_key(session)
         sequences = await repo.load_sequences(session, (c.sequence_id for c in claimed))
-        steps = await repo.load_steps(session, sequences)
-        contacts = await repo.load_contacts(session, (c.contact_id for c in claimed))
-        existing = await repo.load_messages(session, claimed)
+        return _Loaded(
+            secret=secret,
+            sequences=sequences,
+            steps=await repo.load_steps(session, sequences),
+            contacts=await repo.load_contacts(session, (c.contact_id for c in claimed)),
+            existing=await repo.load_messages(session, claimed),
+        )
 
+    async def _plan(self, claimed: list[repo.Claimed], loaded: _Loaded, now: datetime) -> _Plan:
+        """Decide and render each claimed step, outside any transaction (the claims are leased
+        to this worker), pausing for the sends in flight (:mod:`opensequence.engine.slices`).
+        On SQLite the write lock is then held only for the claim and for the records, not
+        while a batch renders: a `POST` beside a busy worker waits less."""
+        slices = Slices()
+        sequences, contacts, existing = loaded.sequences, loaded.contacts, loaded.existing
         steps_by_index = {
             sequence_id: {row.step_index: row for row in rows}
-            for sequence_id, rows in steps.items()
+            for sequence_id, rows in loaded.steps.items()
         }
-        enrollment_changes: list[dict[str, Any]] = []
-        message_changes: list[dict[str, Any]] = []
-        new_rows: list[dict[str, Any]] = []
-        started: list[tuple[uuid.UUID, uuid.UUID, int]] = []
-        pending: list[
-            tuple[repo.Claimed, uuid.UUID, int, datetime, _Decision, str, float | None]
-        ] = []
-        finished: dict[str, int] = {}
-        one_off = False
-
+        plan = _Plan()
         for item in claimed:
             await slices.pause()
             sequence = sequences.get(item.sequence_id)
             contact = contacts.get(item.contact_id)
             if sequence is not None and not sequence.is_continuous:
-                one_off = True
+                plan.one_off = True
             if sequence is None or sequence.status != "active" or contact is None:
-                enrollment_changes.append(_ended(item, "canceled"))
+                plan.enrollment_changes.append(_ended(item, "canceled"))
                 continue
             by_index = steps_by_index.get(item.sequence_id, {})
             step = by_index.get(item.current_step)
             if step is None:
-                enrollment_changes.append(_ended(item, "completed"))
+                plan.enrollment_changes.append(_ended(item, "completed"))
                 continue
             next_step = by_index.get(item.current_step + 1)
             next_delay = None if next_step is None else float(next_step.delay_in_minutes)
             row = existing.get((item.id, item.current_step))
             if row is not None and row.status != "sending":
                 # Settled by a worker that lost its lease before it could advance.
-                enrollment_changes.append(
+                plan.enrollment_changes.append(
                     _ended(item, "failed")
                     if row.status == "failed"
                     else _advanced(item, next_delay, now)
                 )
                 continue
-            decision = self._decide(item, sequence, step, contact, secret, contact.suppression)
+            decision = self._decide(
+                item, sequence, step, contact, loaded.secret, contact.suppression
+            )
             if decision.status == "sending" and sequence.send_window:
                 opens = _window_opens(sequence.send_window, contact.custom_data, now)
                 if opens is not None:
-                    enrollment_changes.append(_waiting(item, opens, "outside_window"))
+                    plan.enrollment_changes.append(_waiting(item, opens, "outside_window"))
                     continue
-            started.append((item.id, item.sequence_id, item.current_step))
+            plan.started.append((item.id, item.sequence_id, item.current_step))
             if row is None:
                 row_id = new_id()
                 data = step.action.get("data") or {}
                 from_email = data.get("from_email")
                 domain = domain_of(from_email) if from_email else self._fallback_domain
                 message_id = make_message_id(row_id, domain)
-                new_rows.append(
+                plan.new_rows.append(
                     {
                         "id": row_id,
                         "org_id": item.org_id,
@@ -351,17 +397,27 @@ class Worker:
                 attempts, first_at = row.attempts, row.created_at
                 if decision.status != "sending":
                     change = _message_change(row_id, decision.status, decision.reason)
-                    message_changes.append(change)
+                    plan.message_changes.append(change)
             if decision.status == "sending":
-                pending.append((item, row_id, attempts, first_at, decision, message_id, next_delay))
+                plan.pending.append(
+                    (item, row_id, attempts, first_at, decision, message_id, next_delay)
+                )
                 continue
-            finished[decision.status] = finished.get(decision.status, 0) + 1
-            enrollment_changes.append(
+            plan.finished[decision.status] = plan.finished.get(decision.status, 0) + 1
+            plan.enrollment_changes.append(
                 _ended(item, "failed")
                 if decision.status == "failed"
                 else _advanced(item, next_delay, now)
             )
+        return plan
 
+    async def _record(
+        self, session: AsyncSession, plan: _Plan, loaded: _Loaded, now: datetime
+    ) -> None:
+        """Write the plan: reserve throttle slots (the sends over a sender limit wait instead),
+        insert the send records as ``sending``, settle the steps that need no provider call
+        and stamp the steps that start. ``plan.pending`` ends up as the sends to make."""
+        pending = plan.pending
         waits = await throttle.admit(
             session,
             [
@@ -371,6 +427,7 @@ class Worker:
             ],
             now,
         )
+        new_rows, enrollment_changes = plan.new_rows, plan.enrollment_changes
         if waits:
             enrollment_changes.extend(
                 _waiting(p[0], waits[p[0].id], "throttled") for p in pending if p[0].id in waits
@@ -388,7 +445,7 @@ class Worker:
                 enrollment_changes = [c for c in enrollment_changes if c["b_id"] not in lost]
         not_started = {
             (row.sequence_id, row.step_index)
-            for rows in steps.values()
+            for rows in loaded.steps.values()
             for row in rows
             if row.started_at is None
         }
@@ -396,17 +453,19 @@ class Worker:
             session,
             (
                 (seq, step)
-                for eid, seq, step in started
+                for eid, seq, step in plan.started
                 if eid not in waits and (seq, step) in not_started
             ),
             now,
         )
-        await repo.update_messages(session, message_changes, now)
+        await repo.update_messages(session, plan.message_changes, now)
         await repo.update_enrollments(session, enrollment_changes, worker=self.id, now=now)
-        self._count(finished)
+        plan.pending = pending
 
+    async def _sends(self, plan: _Plan, loaded: _Loaded, now: datetime) -> list[_Send]:
+        slices = Slices()
         sends: list[_Send] = []
-        for item, row_id, attempts, first_at, decision, message_id, next_delay in pending:
+        for item, row_id, attempts, first_at, decision, message_id, next_delay in plan.pending:
             await slices.pause()
             assert decision.rendered is not None
             sends.append(
@@ -419,10 +478,17 @@ class Worker:
                     message_id=message_id,
                     date=now,
                     next_delay=next_delay,
-                    one_off=not sequences[item.sequence_id].is_continuous,
+                    one_off=not loaded.sequences[item.sequence_id].is_continuous,
                 )
             )
-        return sends, one_off
+        return sends
+
+    async def _release_quietly(self, ids: list[uuid.UUID]) -> None:
+        try:
+            async with self.db.transaction() as session:
+                await repo.release(session, ids, worker=self.id)
+        except (DBAPIError, OSError) as exc:
+            log.warning("releasing %d claims failed; their leases run out: %s", len(ids), exc)
 
     def _decide(
         self,
