@@ -35,10 +35,13 @@ from opensequence.api.app import create_app
 from opensequence.auth import service as auth
 from opensequence.config import Settings
 from opensequence.db import Database
+from opensequence.engine import worker as engine_worker
 
 WORKER = [sys.executable, "-m", "opensequence", "worker"]
 CONCURRENCY = 20
-PIPELINES = 2  # Worker's default: each pipeline claims up to CONCURRENCY * 5 enrollments
+# The worker's default loops; each records its sends' outcomes in chunks of CONCURRENCY * 5, so a
+# fault leaves at most that many sent-but-unrecorded messages per loop.
+PIPELINES = engine_worker.PIPELINES
 
 
 def email_step(subject: str) -> dict[str, Any]:
