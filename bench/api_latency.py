@@ -23,13 +23,8 @@ from typing import Any
 import httpx
 import psycopg
 
-from _common import fresh_database, served_api
+from _common import fresh_database, percentile, served_api
 from _drills import create_key
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
 
 
 def server_pid(base: str) -> int | None:

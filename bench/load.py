@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from _common import free_port, fresh_database
+from _common import free_port, fresh_database, percentile
 from _drills import (
     SinkServer,
     create_key,
@@ -167,13 +167,6 @@ def wait_healthy(base: str, process: subprocess.Popen[bytes], within: float = 60
             pass
         time.sleep(0.2)
     raise RuntimeError("the API did not become ready")
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 async def bench(args: argparse.Namespace) -> int:
