@@ -122,6 +122,12 @@ class Database:
             )
         self.engine: AsyncEngine = create_async_engine(async_url(url), **kwargs)
         sync_engine = self.engine.sync_engine
+        # Reads (reading): SQLite reads a snapshot on connections of its own, which never take
+        # the write lock nor a turn. PostgreSQL reads on the same pool in autocommit: under
+        # READ COMMITTED every statement of a transaction sees its own snapshot anyway, so
+        # each statement reads exactly what it would inside one, without BEGIN and COMMIT (two
+        # of a single-statement read's three round trips).
+        self._reader_engine: AsyncEngine | None = None
         if self.is_postgresql:
             event.listen(sync_engine, "connect", _postgresql_connect)
             event.listen(sync_engine, "checkin", _note_idle)
@@ -131,20 +137,15 @@ class Database:
                 "checkout",
                 lambda connection, record, _proxy: _ping_if_idle(dialect, connection, record),
             )
+            reads = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         else:
             event.listen(sync_engine, "connect", _sqlite_connect)
             event.listen(sync_engine, "begin", _sqlite_begin_immediate)
+            self._reader_engine = reads = create_async_engine(async_url(url), **kwargs)
+            event.listen(reads.sync_engine, "connect", _sqlite_reader_connect)
+            event.listen(reads.sync_engine, "begin", _sqlite_begin_deferred)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        # PostgreSQL: reads (reading) run each statement on its own, in autocommit, on the same
-        # pool. Under READ COMMITTED every statement of a transaction sees its own snapshot
-        # anyway, so this reads exactly what a transaction would, without its BEGIN and
-        # COMMIT: two of a single-statement read's three round trips.
-        self._autocommit: async_sessionmaker[AsyncSession] | None = None
-        if self.is_postgresql:
-            self._autocommit = async_sessionmaker(
-                self.engine.execution_options(isolation_level="AUTOCOMMIT"),
-                expire_on_commit=False,
-            )
+        self._reads = async_sessionmaker(reads, expire_on_commit=False)
         # SQLite has one writer at a time and every transaction here takes the write lock up
         # front (BEGIN IMMEDIATE). Left to SQLite, the transactions of this process that find
         # it taken poll for it in the busy handler's growing sleeps (1, 2, 5 … 100 ms), and a
@@ -153,16 +154,6 @@ class Database:
         # and each gets the lock as the previous transaction ends. Other processes (a CLI
         # import beside `serve`) still meet the busy handler.
         self._turn = None if self.is_postgresql else asyncio.Lock()
-        # SQLite: read-only transactions (reading) on connections of their own, which never
-        # take the write lock nor a turn.
-        self._readers: async_sessionmaker[AsyncSession] | None = None
-        self._reader_engine: AsyncEngine | None = None
-        if not self.is_postgresql:
-            self._reader_engine = create_async_engine(async_url(url), **kwargs)
-            reader_engine = self._reader_engine.sync_engine
-            event.listen(reader_engine, "connect", _sqlite_reader_connect)
-            event.listen(reader_engine, "begin", _sqlite_begin_deferred)
-            self._readers = async_sessionmaker(self._reader_engine, expire_on_commit=False)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -199,13 +190,12 @@ class Database:
         PostgreSQL its statements run in autocommit, each its own transaction: a read sees what
         it would inside one (READ COMMITTED), without the round trips of BEGIN and COMMIT;
         nothing stops a write there, and one would commit at once."""
-        if self._autocommit is not None:
-            async with self._autocommit() as session:
+        async with self._reads() as session:
+            if self.is_postgresql:  # autocommit: SQLAlchemy's begin/commit would only cost CPU
                 yield session
-            return
-        assert self._readers is not None
-        async with self._readers() as session, session.begin():
-            yield session
+            else:
+                async with session.begin():
+                    yield session
 
     async def dispose(self) -> None:
         await self.engine.dispose()
