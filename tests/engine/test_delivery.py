@@ -516,11 +516,11 @@ async def test_when_the_send_records_cannot_be_written_the_claims_go_back_at_onc
     class RecordsFailOnce(Worker):
         failed = False
 
-        async def _record(self, session: Any, plan: Any, loaded: Any, now: Any) -> None:
+        async def _record(self, session: Any, plan: Any, loaded: Any, now: Any) -> Any:
             if not self.failed:
                 self.failed = True
                 raise OSError("database connection lost")
-            await super()._record(session, plan, loaded, now)
+            return await super()._record(session, plan, loaded, now)
 
     transport = transport_from_url(smtp_settings.mail_url, pool_size=2)
     worker = RecordsFailOnce(db, transport, smtp_settings, clock=clock, concurrency=2)

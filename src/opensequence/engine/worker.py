@@ -275,14 +275,14 @@ class Worker:
         try:
             plan = await self._plan(claimed, loaded, now)
             async with self.db.transaction() as session:
-                await self._record(session, plan, loaded, now)
+                pending = await self._record(session, plan, loaded, now)
         except Exception:
             # Nothing of the batch was recorded: let the claims go now rather than when their
             # leases run out, as a rolled-back claim would.
             await self._release_quietly([item.id for item in claimed])
             raise
         self._count(plan.finished)
-        sends = await self._sends(plan, loaded, now)
+        sends = await self._sends(pending, loaded, now)
         one_off = plan.one_off
         lease = _Lease(now + self.lease)
         sends = await self._recheck(sends)
@@ -418,10 +418,10 @@ class Worker:
 
     async def _record(
         self, session: AsyncSession, plan: _Plan, loaded: _Loaded, now: datetime
-    ) -> None:
+    ) -> list[_Pending]:
         """Write the plan: reserve throttle slots (the sends over a sender limit wait instead),
         insert the send records as ``sending``, settle the steps that need no provider call
-        and stamp the steps that start. ``plan.pending`` ends up as the sends to make."""
+        and stamp the steps that start. Returns the sends to make."""
         pending = plan.pending
         waits = await throttle.admit(
             session,
@@ -434,9 +434,9 @@ class Worker:
         )
         new_rows, enrollment_changes = plan.new_rows, plan.enrollment_changes
         if waits:
-            enrollment_changes.extend(
+            enrollment_changes = enrollment_changes + [
                 _waiting(p[0], waits[p[0].id], "throttled") for p in pending if p[0].id in waits
-            )
+            ]
             pending = [p for p in pending if p[0].id not in waits]
             new_rows = [r for r in new_rows if r["enrollment_id"] not in waits]
         inserted = {r["id"] for r in new_rows}
@@ -465,12 +465,12 @@ class Worker:
         )
         await repo.update_messages(session, plan.message_changes, now)
         await repo.update_enrollments(session, enrollment_changes, worker=self.id, now=now)
-        plan.pending = pending
+        return pending
 
-    async def _sends(self, plan: _Plan, loaded: _Loaded, now: datetime) -> list[_Send]:
+    async def _sends(self, pending: list[_Pending], loaded: _Loaded, now: datetime) -> list[_Send]:
         slices = Slices()
         sends: list[_Send] = []
-        for item, row_id, attempts, first_at, decision, message_id, next_delay in plan.pending:
+        for item, row_id, attempts, first_at, decision, message_id, next_delay in pending:
             await slices.pause()
             assert decision.rendered is not None
             sends.append(
