@@ -218,6 +218,15 @@ async def load_contacts(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict
     return {row.id: row for row in rows}
 
 
+# Each contact with its address's suppression in its organization, if any (suppressions are
+# keyed by organization and normalised address: at most one).
+_CONTACTS_WITH_SUPPRESSION = CONTACTS.outerjoin(
+    SUPPRESSIONS,
+    (SUPPRESSIONS.c.org_id == CONTACTS.c.org_id)
+    & (SUPPRESSIONS.c.email_normalized == CONTACTS.c.email_normalized),
+)
+
+
 def _contacts_statement(dialect: str) -> Any:
     c, sup = CONTACTS.c, SUPPRESSIONS.c
     return (
@@ -230,12 +239,7 @@ def _contacts_statement(dialect: str) -> Any:
             c.custom_data,
             sup.reason.label("suppression"),
         )
-        .select_from(
-            CONTACTS.outerjoin(
-                SUPPRESSIONS,
-                (sup.org_id == c.org_id) & (sup.email_normalized == c.email_normalized),
-            )
-        )
+        .select_from(_CONTACTS_WITH_SUPPRESSION)
         .where(member_param(dialect, c.id, "ids"))
     )
 
@@ -557,16 +561,10 @@ def _live_statement(dialect: str) -> Any:
         .correlate(ENROLLMENTS)
     )
     # The contact and its address's suppression in one lookup: NULL when the contact is gone,
-    # '' when it exists unsuppressed, else the suppression's reason (suppressions are keyed
-    # by organization and normalised address, so there is at most one).
+    # '' when it exists unsuppressed, else the suppression's reason.
     contact = (
         select(func.coalesce(sup.reason, ""))
-        .select_from(
-            CONTACTS.outerjoin(
-                SUPPRESSIONS,
-                (sup.org_id == c.org_id) & (sup.email_normalized == c.email_normalized),
-            )
-        )
+        .select_from(_CONTACTS_WITH_SUPPRESSION)
         .where(c.id == e.contact_id)
         .correlate(ENROLLMENTS)
         .scalar_subquery()
