@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import re
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Unsubscribe links go into a header line of every non-transactional message, ``List-Unsubscribe:
+# <PUBLIC_URL/unsubscribe/TOKEN>`` (a 64-character token), which must fit in 998 characters
+# (RFC 5322): a longer line is refused with a 5xx, a bounce that would suppress every recipient.
+MAX_PUBLIC_URL = 800
 
 _RATE = re.compile(r"^\s*\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?\s*$", re.IGNORECASE)
 
@@ -38,6 +44,18 @@ class Settings(BaseSettings):
     def _known_database(cls, value: str) -> str:
         if not value.startswith(("sqlite:", "sqlite+", "postgresql:", "postgresql+", "postgres:")):
             raise ValueError("must start with sqlite:/// or postgresql://")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_fits_a_header(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if not value.isascii() or any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise ValueError("must be ASCII without spaces (write a non-ASCII host in punycode)")
+        if len(value) > MAX_PUBLIC_URL:
+            raise ValueError(f"must be at most {MAX_PUBLIC_URL} characters")
         return value
 
     @field_validator("rate_limit")

@@ -82,6 +82,13 @@ def test_usage_and_config_errors_exit_2_with_one_line(env: dict[str, str], tmp_p
         ["keys", "list", "--org", "x"], {**env, "OPENSEQUENCE_RATE_LIMIT": "lots"}, tmp_path
     )
     assert bad_rate.returncode == 2 and "OPENSEQUENCE_RATE_LIMIT" in bad_rate.stderr
+    bad_public = run_cli(
+        ["keys", "list", "--org", "x"],
+        {**env, "OPENSEQUENCE_PUBLIC_URL": "mail.acme.test"},
+        tmp_path,
+    )
+    assert bad_public.returncode == 2 and "OPENSEQUENCE_PUBLIC_URL" in bad_public.stderr
+    assert "http:// or https://" in bad_public.stderr
     bad_id = run_cli(["keys", "revoke", "nope"], env, tmp_path)
     assert bad_id.returncode == 2 and "KEY_ID" in bad_id.stderr
     unknown_org = run_cli(["keys", "list", "--org", "nobody"], env, tmp_path)

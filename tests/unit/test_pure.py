@@ -9,9 +9,11 @@ import pytest
 from pydantic import ValidationError
 
 from opensequence.api.errors import field_path, validation_message
-from opensequence.config import Settings
+from opensequence.config import MAX_PUBLIC_URL, Settings
 from opensequence.db.engine import async_url, sync_url
 from opensequence.db.types import iso, new_id
+from opensequence.mail.message import build_message
+from opensequence.unsubscribe import make_token, unsubscribe_url
 
 SEED_ID = (
     r"^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[1-8][0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}"
@@ -64,3 +66,38 @@ def test_settings_reject_unknown_databases_and_bad_rates() -> None:
     with pytest.raises(ValidationError, match="rate_limit"):
         Settings(_env_file=None, rate_limit="often")  # type: ignore[call-arg]
     assert Settings(_env_file=None, rate_limit="5/second").rate_limit == "5/second"  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mail.example.com",  # no scheme
+        "ftp://mail.example.com",
+        "https://",
+        "https://mail.example.com/a b",
+        "https://mail.example.com/\r\nBcc: x@example.org",  # would write a header of its own
+        "https://exämple.com",
+        "https://example.com/" + "p" * MAX_PUBLIC_URL,  # the unsubscribe header outgrows a line
+    ],
+)
+def test_settings_reject_public_urls_that_cannot_go_into_a_header(url: str) -> None:
+    with pytest.raises(ValidationError, match="public_url"):
+        Settings(_env_file=None, public_url=url)  # type: ignore[call-arg]
+
+
+def test_the_longest_public_url_still_makes_an_unsubscribe_header_of_one_line() -> None:
+    url = "https://example.com/" + "p" * (MAX_PUBLIC_URL - len("https://example.com/"))
+    settings = Settings(_env_file=None, public_url=url)  # type: ignore[call-arg]
+    link = unsubscribe_url(settings.public_url, make_token("s", new_id(), new_id()))
+    raw = build_message(
+        from_email="a@example.com",
+        sender_name=None,
+        to_email="b@example.org",
+        subject="Hi",
+        html_body="<p>hi</p>",
+        message_id="<1@example.com>",
+        date=datetime(2026, 1, 1, tzinfo=UTC),
+        unsubscribe_url=link,
+    )
+    assert f"List-Unsubscribe: <{link}>\r\n".encode() in raw
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
