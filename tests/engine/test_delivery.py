@@ -20,7 +20,14 @@ from opensequence.deliverability.service import suppress
 from opensequence.engine import repository as repo
 from opensequence.engine.worker import Worker
 from opensequence.mail.transports import transport_from_url
-from opensequence.models import Contact, Enrollment, Message, Sequence, SequenceStep
+from opensequence.models import (
+    Contact,
+    Enrollment,
+    Message,
+    Sequence,
+    SequenceStep,
+    Suppression,
+)
 from opensequence.unsubscribe import load_secret, read_token
 from tests.engine.factories import (
     call_step,
@@ -645,6 +652,30 @@ async def test_skips_and_template_errors(
     [row] = await messages_of(db, failed)
     assert (row.status, row.reason) == ("failed", "template_error")
     assert (await enrollment(db, failed)).status == "failed"
+
+
+async def test_a_subject_with_a_run_longer_than_a_line_is_delivered(
+    db: Database, worker: Worker, sink: SinkServer, clock: ManualClock
+) -> None:
+    """A subject whose unbroken run (here a long link rendered from the contact) is longer
+    than a header line may be (998 bytes): written as is, the server refuses the message
+    with a 5xx, which fails the send as a bounce and suppresses the recipient."""
+    org = await make_org(db)
+    link = "https://example.org/offer?" + "x" * 1200
+    people = [{"email": "ada@example.org", "name": "Ada", "custom_data": {"link": link}}]
+    contacts = await make_contacts(db, org, people)
+    steps = [email_step(subject="Your link {{ contact.custom_data.link }} inside")]
+    sequence_id = await make_sequence(db, org, steps, started_at=clock.now())
+    [enrollment_id] = await enroll(db, org, sequence_id, contacts, now=clock.now())
+    await worker.drain()
+    [row] = await messages_of(db, enrollment_id)
+    assert (row.status, row.reason) == ("sent", None)
+    [message] = sink.sink.received
+    assert message["Subject"] == f"Your link {link} inside"
+    [raw] = sink.sink.raw
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    async with db.transaction() as session:
+        assert await session.scalar(select(func.count()).select_from(Suppression)) == 0
 
 
 async def test_maildir_delivery_writes_a_readable_message(

@@ -207,6 +207,28 @@ def _header(name: str, value: str) -> bytes:
     return SMTP_POLICY.fold_binary(name, value)
 
 
+# RFC 5322 §2.1.1: a line is at most 998 characters before its CRLF. Servers refuse longer ones
+# (aiosmtpd: "500 Line too long"), and a 5xx to DATA fails the send as a bounce.
+MAX_LINE = 998
+
+
+def _subject(subject: str) -> bytes:
+    """The Subject header. ASCII is written as is, folded at its spaces. Anything else is
+    written as RFC 2047 encoded words, which split anywhere and decode to the same text; so is
+    an ASCII subject that does not fold into lines of at most :data:`MAX_LINE` (a long link
+    rendered into it, say), or whose first word only fits on a line of its own (the fold
+    before it would add a space to the subject)."""
+    value = " ".join(subject.splitlines())
+    if value.isascii():
+        folded = _header("Subject", value)
+        if len(folded) <= MAX_LINE + 2:
+            return folded
+        lines = folded.split(b"\r\n")
+        if lines[0] != b"Subject: " and all(len(line) <= MAX_LINE for line in lines):
+            return folded
+    return _header("Subject", Header(value, "utf-8").encode())
+
+
 def _text_part(text: str, subtype: str) -> bytes:
     """One ``text/<subtype>`` body part: UTF-8, quoted-printable (lines stay under SMTP's limit
     and a stored ``.eml`` stays readable), CRLF line ends."""
@@ -243,7 +265,7 @@ def build_message(
         b"MIME-Version: 1.0\r\n",
         _header("From", format_from(sender_name, from_email)),
         _header("To", to_email),
-        _header("Subject", _encoded(" ".join(subject.splitlines()))),
+        _subject(subject),
         _header("Date", _date_header(date)),
         _header("Message-ID", message_id),
     ]
