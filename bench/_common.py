@@ -1,5 +1,5 @@
 """Shared pieces of the benchmarks: throwaway databases, set-based seeding, SMTP sinks, a served
-API, peak RSS."""
+API, peak RSS, CPU time of processes."""
 
 from __future__ import annotations
 
@@ -261,6 +261,36 @@ def served_api(database_url: str, *, extra_env: dict[str, str] | None = None) ->
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User plus system CPU of ``pid`` (``/proc/<pid>/stat`` fields 14 and 15, in ticks); NaN
+    without ``/proc`` (not Linux) or without a pid."""
+    if pid is None:
+        return float("nan")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float:
+    """User plus system CPU of every PostgreSQL server process on this machine (backends and
+    the WAL writer, checkpointer and the rest), so run nothing else against the server while
+    measuring. A process that exits takes its CPU with it: read before closing connections.
+    NaN without ``/proc``."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return float("nan")
+    total = 0.0
+    for entry in proc.glob("[0-9]*"):
+        try:
+            if (entry / "comm").read_text().strip() == "postgres":
+                total += cpu_seconds(int(entry.name))
+        except OSError:
+            continue
+    return total
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sqlite3
 import statistics
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from _common import fresh_database, percentile, served_api
+from _common import cpu_seconds, fresh_database, percentile, served_api
 from _drills import create_key
 
 
@@ -39,14 +38,6 @@ def server_pid(base: str) -> int | None:
         if b"api" in cmdline and b"--port" in cmdline and port.encode() in cmdline:
             return int(entry.name)
     return None
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User plus system CPU of ``pid`` (``/proc/<pid>/stat`` fields 14 and 15, in ticks)."""
-    if pid is None:
-        return float("nan")
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(requests: int, call: Callable[[int], Any]) -> list[float]:

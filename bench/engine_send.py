@@ -10,6 +10,11 @@ of a shared machine weighs on both sides of the ratio rather than on one. ``--re
 whole sequence N times and ends with each configuration's median ratio and range: on a shared
 machine single ratios of the same code move by a fifth from one run to the next.
 
+Each run also reports the CPU time per message of the sending side (this process for the raw
+loop and the in-process worker, the worker processes otherwise), of the sink and of all of
+PostgreSQL's server processes, read from ``/proc`` (Linux; elsewhere no CPU figures). Sender,
+sink and database share the machine's cores, so these say where a gap in msg/s comes from.
+
 Usage: ``python bench/engine_send.py [--messages 5000] [--concurrency 20] [--skip-pg]
 [--repeat 1]``
 """
@@ -26,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,9 +42,11 @@ from sqlalchemy import text
 from _common import (
     STEP,
     WORKER,
+    cpu_seconds,
     create_pg_database,
     drop_pg_database,
     free_port,
+    postgres_cpu_seconds,
     seed,
     subprocess_env,
 )
@@ -53,6 +61,36 @@ from opensequence.mail.message import build_message, domain_of, make_message_id
 from opensequence.mail.render import render
 from opensequence.mail.transports import transport_from_url
 from opensequence.unsubscribe import make_token, unsubscribe_url
+
+
+@dataclass(frozen=True)
+class Run:
+    """One timed run: messages per second, and CPU seconds per message of the senders, the sink
+    and PostgreSQL."""
+
+    rate: float
+    cpu: tuple[float, float, float]
+
+
+class CpuMeter:
+    """CPU seconds used so far by ``senders`` (together), the sink and PostgreSQL's processes."""
+
+    def __init__(self, sink: int, senders: list[int] | None = None) -> None:
+        self.sink = sink
+        self.senders = senders or [os.getpid()]
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        senders = sum(cpu_seconds(pid) for pid in self.senders)
+        return senders, cpu_seconds(self.sink), postgres_cpu_seconds()
+
+    def per_message(self, messages: int) -> tuple[float, float, float]:
+        end = self._read()
+        return (
+            (end[0] - self._start[0]) / messages,
+            (end[1] - self._start[1]) / messages,
+            (end[2] - self._start[2]) / messages,
+        )
 
 
 def start_sink_process(port: int) -> subprocess.Popen[str]:
@@ -97,10 +135,11 @@ def engine_messages(count: int) -> list[tuple[str, bytes]]:
     return built
 
 
-async def raw_loop(port: int, messages: int, concurrency: int) -> float:
+async def raw_loop(port: int, sink: int, messages: int, concurrency: int) -> Run:
     """The ceiling: the engine's messages pre-built, ``concurrency`` connections each sending
     its share."""
     built = engine_messages(messages)
+    meter = CpuMeter(sink)
 
     async def lane(first: int) -> None:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
@@ -112,10 +151,11 @@ async def raw_loop(port: int, messages: int, concurrency: int) -> float:
 
     started = time.perf_counter()
     await asyncio.gather(*(lane(i) for i in range(concurrency)))
-    return messages / (time.perf_counter() - started)
+    rate = messages / (time.perf_counter() - started)
+    return Run(rate, meter.per_message(messages))
 
 
-async def engine_in_process(url: str, port: int, messages: int, concurrency: int) -> float:
+async def engine_in_process(url: str, port: int, sink: int, messages: int, concurrency: int) -> Run:
     db = Database(url)
     try:
         await seed(db, messages)
@@ -130,16 +170,18 @@ async def engine_in_process(url: str, port: int, messages: int, concurrency: int
         )
         transport = transport_from_url(settings.mail_url, pool_size=concurrency)
         worker = Worker(db, transport, settings, concurrency=concurrency)
+        meter = CpuMeter(sink)
         started = time.perf_counter()
         await asyncio.gather(*(worker.drain() for _ in range(worker.pipelines)))
         elapsed = time.perf_counter() - started
+        cpu = meter.per_message(messages)  # before the connections close
         await transport.aclose()
         async with db.transaction() as session:
             sent = (
                 await session.execute(text("SELECT count(*) FROM messages WHERE status = 'sent'"))
             ).scalar_one()
         assert sent == messages, f"only {sent} of {messages} sent"
-        return messages / elapsed
+        return Run(messages / elapsed, cpu)
     finally:
         await db.dispose()
 
@@ -167,9 +209,12 @@ def wait_until_serving(port: int, timeout: float = 60.0) -> None:
             time.sleep(0.05)
 
 
-async def engine_processes(url: str, port: int, messages: int, concurrency: int, n: int) -> float:
+async def engine_processes(
+    url: str, port: int, sink: int, messages: int, concurrency: int, n: int
+) -> Run:
     """``n`` worker processes, started (and idle, polling every 0.1 s) before the messages are
-    written; timed from the commit that makes them all due until the last one is sent."""
+    written; timed from the commit that makes them all due until the last one is sent. The
+    progress query (a count every 20 ms) is part of PostgreSQL's CPU figure."""
     db = Database(url)
     workers: list[subprocess.Popen[bytes]] = []
     try:
@@ -179,6 +224,7 @@ async def engine_processes(url: str, port: int, messages: int, concurrency: int,
         for metrics in metrics_ports:
             wait_until_serving(metrics)
         await seed(db, messages)
+        meter = CpuMeter(sink, [worker.pid for worker in workers])
         started = time.perf_counter()
         while True:
             async with db.transaction() as session:
@@ -191,7 +237,7 @@ async def engine_processes(url: str, port: int, messages: int, concurrency: int,
                 break
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - started
-        return messages / elapsed
+        return Run(messages / elapsed, meter.per_message(messages))
     finally:
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
@@ -200,65 +246,88 @@ async def engine_processes(url: str, port: int, messages: int, concurrency: int,
         await db.dispose()
 
 
+def microseconds(cpu: tuple[float, ...], sides: int = 3) -> str:
+    """``cpu/msg: sender …, sink …, PostgreSQL … us`` for the first ``sides`` figures; nothing
+    where they could not be read."""
+    if any(value != value for value in cpu[:sides]):  # NaN: no /proc
+        return ""
+    names = ("sender", "sink", "PostgreSQL")[:sides]
+    pairs = zip(names, cpu[:sides], strict=True)
+    figures = ", ".join(f"{name} {value * 1e6:.0f}" for name, value in pairs)
+    return f"  cpu/msg: {figures} us"
+
+
+def median_cpu(runs: list[Run]) -> tuple[float, ...]:
+    return tuple(statistics.median(run.cpu[side] for run in runs) for side in range(3))
+
+
 async def main(messages: int, concurrency: int, skip_pg: bool, repeat: int) -> None:
     port = free_port()
     sink = start_sink_process(port)
-    raws: list[float] = []
-    results: list[tuple[str, float, float]] = []
+    raws: list[Run] = []
+    results: list[tuple[str, Run, float]] = []
 
-    async def raw_after(label: str, rate: float) -> None:
-        raws.append(await raw_loop(port, messages, concurrency))
-        results.append((label, rate, (raws[-2] + raws[-1]) / 2))
+    async def raw_after(label: str, run: Run) -> None:
+        raws.append(await raw_loop(port, sink.pid, messages, concurrency))
+        results.append((label, run, (raws[-2].rate + raws[-1].rate) / 2))
 
     try:
-        raws.append(await raw_loop(port, messages, concurrency))
+        raws.append(await raw_loop(port, sink.pid, messages, concurrency))
         for _ in range(repeat):
-            await one_round(port, messages, concurrency, skip_pg, raw_after)
+            await one_round(port, sink.pid, messages, concurrency, skip_pg, raw_after)
     finally:
         sink.send_signal(signal.SIGTERM)
         sink.wait(timeout=30)
-        runs = ", ".join(f"{raw:.0f}" for raw in raws)
-        print(f"raw aiosmtplib loop, {concurrency} connections: {runs} msg/s (in run order)")
-        for label, rate, around in results:
-            ratio = rate / around
-            print(f"{label:<40} {rate:6.0f} msg/s  {ratio:.2f}x raw ({around:.0f} around it)")
+        rates = ", ".join(f"{raw.rate:.0f}" for raw in raws)
+        print(f"raw aiosmtplib loop, {concurrency} connections: {rates} msg/s (in run order)")
+        if raws:
+            print(f"raw aiosmtplib loop, median of its runs{microseconds(median_cpu(raws), 2)}")
+        for label, run, around in results:
+            ratio = run.rate / around
+            print(
+                f"{label:<40} {run.rate:6.0f} msg/s  {ratio:.2f}x raw ({around:.0f} around it)"
+                + microseconds(run.cpu)
+            )
         if repeat > 1:
             print(f"over {repeat} rounds:")
             for label in dict.fromkeys(label for label, _, _ in results):
-                ratios = [rate / around for name, rate, around in results if name == label]
+                runs = [(run, around) for name, run, around in results if name == label]
+                ratios = [run.rate / around for run, around in runs]
                 print(
                     f"{label:<40} median {statistics.median(ratios):.2f}x raw"
                     f"  ({min(ratios):.2f}-{max(ratios):.2f}x, {len(ratios)} runs)"
+                    + microseconds(median_cpu([run for run, _ in runs]))
                 )
 
 
 async def one_round(
     port: int,
+    sink: int,
     messages: int,
     concurrency: int,
     skip_pg: bool,
-    raw_after: Callable[[str, float], Awaitable[None]],
+    raw_after: Callable[[str, Run], Awaitable[None]],
 ) -> None:
     """Each engine configuration once, the raw loop after each."""
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/bench.db"
         upgrade(url)
-        rate = await engine_in_process(url, port, messages, concurrency)
-    await raw_after("engine, SQLite, 1 worker", rate)
+        run = await engine_in_process(url, port, sink, messages, concurrency)
+    await raw_after("engine, SQLite, 1 worker", run)
     if skip_pg:
         return
     url = create_pg_database("osq_bench")
     try:
-        rate = await engine_in_process(url, port, messages, concurrency)
+        run = await engine_in_process(url, port, sink, messages, concurrency)
     finally:
         drop_pg_database(url)
-    await raw_after("engine, PostgreSQL, 1 worker", rate)
+    await raw_after("engine, PostgreSQL, 1 worker", run)
     url = create_pg_database("osq_bench")
     try:
-        rate = await engine_processes(url, port, messages, concurrency, 2)
+        run = await engine_processes(url, port, sink, messages, concurrency, 2)
     finally:
         drop_pg_database(url)
-    await raw_after("engine, PostgreSQL, 2 worker processes", rate)
+    await raw_after("engine, PostgreSQL, 2 worker processes", run)
 
 
 if __name__ == "__main__":
