@@ -678,6 +678,41 @@ async def test_a_subject_with_a_run_longer_than_a_line_is_delivered(
         assert await session.scalar(select(func.count()).select_from(Suppression)) == 0
 
 
+async def test_a_batch_renders_up_to_its_budget_and_leaves_the_rest_to_the_next(
+    db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock
+) -> None:
+    """A template that renders megabytes per contact must not have a whole batch's worth held
+    at once: past ``render_budget`` characters the rest of the claimed batch goes back."""
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@example.org"} for i in range(5)])
+    body = "{% for i in (1..2000) %}x{% endfor %}"  # 2,000 characters per contact
+    sequence_id = await make_sequence(db, org, [email_step(body=body)], started_at=clock.now())
+    enrollments = await enroll(db, org, sequence_id, contacts, now=clock.now())
+    worker = make_worker(db, smtp_settings, clock, render_budget=5_000)
+    try:
+        assert await worker.run_once() == 5
+        assert len(sink.sink.received) == 3, "2,000 + 2,000 + 2,000 passes 5,000: three go"
+        async with db.transaction() as session:
+            left = (
+                await session.execute(
+                    select(Enrollment.status, Enrollment.locked_by, Enrollment.current_step)
+                    .where(Enrollment.id.in_(enrollments))
+                    .where(~Enrollment.id.in_(select(Message.enrollment_id)))
+                )
+            ).all()
+        assert left == [("active", None, 0)] * 2, "released at once, untouched"
+        assert await worker.drain() == 2
+    finally:
+        await worker.transport.aclose()
+    assert sorted(str(m["To"]) for m in sink.sink.received) == [
+        f"p{i}@example.org" for i in range(5)
+    ]
+    for enrollment_id in enrollments:
+        assert [(r.status, r.attempts) for r in await messages_of(db, enrollment_id)] == [
+            ("sent", 1)
+        ]
+
+
 async def test_maildir_delivery_writes_a_readable_message(
     db: Database, settings: Settings, clock: ManualClock, tmp_path: Path
 ) -> None:

@@ -12,7 +12,8 @@ One iteration (:meth:`Worker.run_once`) is short transactions around the network
    the batch's addresses), a send outside its sequence's send window waits (``outside_window``)
    and a send over a sender limit waits (``throttled``; :mod:`opensequence.engine.throttle`
    reserves slots atomically across workers, in the recording transaction). COMMIT — every
-   send is on record before it leaves. If deciding or recording fails, the claims are released.
+   send is on record before it leaves. If deciding or recording fails, the claims are released;
+   so is the rest of a batch whose renders passed the render budget (``RENDER_BUDGET``).
 2. **send** — concurrently (``concurrency`` at a time), after re-checking that the enrollment,
    its sequence and its contact are still live and that the address was not suppressed
    meanwhile (an unsubscribe or a cancel that commits while a batch is prepared still stops
@@ -85,6 +86,10 @@ PIPELINES = 2
 # How long sends already made wait for the database to record them (capped at a third of the
 # lease).
 RECORD_RETRY_SECONDS = 30.0
+# Characters of rendered subjects and bodies one batch may hold (see Worker._plan). A template
+# may render up to 4 MiB per contact (mail.templates); a batch of 200 such sends held ~800 MB
+# until its last send, per loop. Ordinary mail (a few kB a send) never comes near it.
+RENDER_BUDGET = 32 * 1024 * 1024
 
 
 def make_worker_id() -> str:
@@ -158,6 +163,8 @@ class _Plan:
     pending: list[_Pending] = field(default_factory=list)
     finished: dict[str, int] = field(default_factory=dict)
     one_off: bool = False
+    # Claimed but left undecided, the batch's render budget being spent: released untouched.
+    deferred: list[uuid.UUID] = field(default_factory=list)
 
 
 class Worker:
@@ -171,6 +178,7 @@ class Worker:
         concurrency: int = 20,
         batch_size: int | None = None,
         pipelines: int = PIPELINES,
+        render_budget: int = RENDER_BUDGET,
         worker_id: str | None = None,
         registry: CollectorRegistry | None = None,
         retry: RetryPolicy | None = None,
@@ -183,6 +191,7 @@ class Worker:
         self.batch_size = batch_size or concurrency * 10
         self.finish_chunk = max(5 * concurrency, 1)
         self.pipelines = pipelines
+        self.render_budget = render_budget
         self.id = worker_id or make_worker_id()
         self.lease = timedelta(seconds=settings.worker_lease_seconds)
         self.retry = retry or RetryPolicy(
@@ -330,15 +339,30 @@ class Worker:
         """Decide and render each claimed step, outside any transaction (the claims are leased
         to this worker), pausing for the sends in flight (:mod:`opensequence.engine.slices`).
         On SQLite the write lock is then held only for the claim and for the records, not
-        while a batch renders: a `POST` beside a busy worker waits less."""
+        while a batch renders: a `POST` beside a busy worker waits less.
+
+        Once the batch's rendered subjects and bodies pass ``render_budget`` characters, the
+        rest of it is left undecided (``plan.deferred``) and released when the plan is
+        recorded, for a later batch: a batch keeps what it renders until its last send, and
+        templates that render megabytes per contact would otherwise hold that times the
+        batch size."""
         slices = Slices()
+        rendered = 0
         sequences, contacts, existing = loaded.sequences, loaded.contacts, loaded.existing
         steps_by_index = {
             sequence_id: {row.step_index: row for row in rows}
             for sequence_id, rows in loaded.steps.items()
         }
         plan = _Plan()
-        for item in claimed:
+        for position, item in enumerate(claimed):
+            if rendered > self.render_budget:
+                plan.deferred = [left.id for left in claimed[position:]]
+                log.info(
+                    "batch of %d reached its render budget after %d; the rest is released",
+                    len(claimed),
+                    position,
+                )
+                break
             await slices.pause()
             sequence = sequences.get(item.sequence_id)
             contact = contacts.get(item.contact_id)
@@ -366,6 +390,8 @@ class Worker:
             decision = self._decide(
                 item, sequence, step, contact, loaded.secret, contact.suppression
             )
+            if decision.rendered is not None:
+                rendered += len(decision.rendered["subject"]) + len(decision.rendered["body"])
             if decision.status == "sending" and sequence.send_window:
                 opens = _window_opens(sequence.send_window, contact.custom_data, now)
                 if opens is not None:
@@ -420,8 +446,9 @@ class Worker:
         self, session: AsyncSession, plan: _Plan, loaded: _Loaded, now: datetime
     ) -> list[_Pending]:
         """Write the plan: reserve throttle slots (the sends over a sender limit wait instead),
-        insert the send records as ``sending``, settle the steps that need no provider call
-        and stamp the steps that start. Returns the sends to make."""
+        insert the send records as ``sending``, settle the steps that need no provider call,
+        stamp the steps that start and release the deferred claims. Returns the sends to
+        make."""
         pending = plan.pending
         waits = await throttle.admit(
             session,
@@ -465,6 +492,7 @@ class Worker:
         )
         await repo.update_messages(session, plan.message_changes, now)
         await repo.update_enrollments(session, enrollment_changes, worker=self.id, now=now)
+        await repo.release(session, plan.deferred, worker=self.id)
         return pending
 
     async def _sends(self, pending: list[_Pending], loaded: _Loaded, now: datetime) -> list[_Send]:
