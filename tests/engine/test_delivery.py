@@ -713,6 +713,40 @@ async def test_a_batch_renders_up_to_its_budget_and_leaves_the_rest_to_the_next(
         ]
 
 
+async def test_slow_templates_and_long_bodies_are_prepared_off_the_event_loop(
+    db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock
+) -> None:
+    """A looping template is rendered, and a long body's MIME built, on the worker's own
+    thread; what goes out is the same as on the loop."""
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": "ada@example.org", "name": "Ada"}])
+    short = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    looping = email_step(
+        subject="{% for i in (1..3) %}{{ i }}{% endfor %} for {{ contact.name }}",
+        body="{% for i in (1..2000) %}<p>{{ contact.name }} {{ i }}</p>{% endfor %}",
+    )
+    worker = make_worker(db, smtp_settings, clock)
+    try:
+        await enroll(db, org, short, contacts, now=clock.now())
+        assert await worker.drain() == 1
+        assert worker._off_loop_thread is None, "ordinary mail stays on the loop"
+        # Made now: the drain above completes a started one-off sequence with no enrollments.
+        long = await make_sequence(db, org, [looping], started_at=clock.now())
+        await enroll(db, org, long, contacts, now=clock.now())
+        assert await worker.drain() == 1
+        assert worker._off_loop_thread is not None
+    finally:
+        await worker.transport.aclose()
+    message = sink.sink.received[1]
+    assert message["Subject"] == "123 for Ada"
+    html = message.get_body(("html",))
+    text = message.get_body(("plain",))
+    assert html is not None and text is not None
+    expected = "".join(f"<p>Ada {i}</p>" for i in range(1, 2001))
+    assert html.get_content() == expected
+    assert text.get_content().split() == [word for i in range(1, 2001) for word in ("Ada", str(i))]
+
+
 async def test_maildir_delivery_writes_a_readable_message(
     db: Database, settings: Settings, clock: ManualClock, tmp_path: Path
 ) -> None:

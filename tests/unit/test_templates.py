@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from liquid.exceptions import LiquidError
 
-from opensequence.mail.render import TemplateError, render
+from opensequence.mail.render import SLOW_TEMPLATE_CHARS, TemplateError, may_be_slow, render
 from opensequence.mail.templates import TemplateEnvironment, TemplateSyntaxError, compile_template
 
 
@@ -97,3 +97,20 @@ def test_substitution_plans_render_exactly_as_liquid(
     except TemplateError:
         got = TemplateError
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("source", "slow"),
+    [
+        ("Hi {{ contact.name }}", False),
+        ("{% if contact.name %}for {{ contact.name }}{% endif %}", False),  # "for" is text here
+        ("{% for i in (1..3) %}{{ i }}{% endfor %}", True),
+        ("{%- for tag in contact.custom_data.tags | split: ',' -%}{{ tag }}{%- endfor -%}", True),
+        ("{% tablerow i in (1..2) %}{{ i }}{% endtablerow %}", True),
+        ("{% liquid\n  assign n = 3\n  for i in (1..n)\n    echo i\n  endfor\n%}", True),
+        ("<p>" + "x" * SLOW_TEMPLATE_CHARS + "</p>", True),
+        ("<p>" + "x" * (SLOW_TEMPLATE_CHARS - 8) + "</p>", False),
+    ],
+)
+def test_templates_that_may_render_slowly_are_told_apart(source: str, slow: bool) -> None:
+    assert may_be_slow(source) is slow

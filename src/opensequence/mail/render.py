@@ -20,6 +20,7 @@ Liquid itself. A property test holds the two paths against each other.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -115,3 +116,21 @@ def render(source: str, context: dict[str, Any], *, html: bool) -> str:
         raise TemplateError(str(exc)) from exc
     except (RecursionError, MemoryError, ValueError, TypeError) as exc:
         raise TemplateError(f"{type(exc).__name__}: {exc}") from exc
+
+
+# A template this long, or one with a loop, can take milliseconds to seconds to render (a loop
+# may run 100,000 iterations and output may reach 4 MiB): see :func:`may_be_slow`.
+SLOW_TEMPLATE_CHARS = 16 * 1024
+_TAG = re.compile(r"{%(.*?)%}", re.DOTALL)
+_LOOP = re.compile(r"\b(?:for|tablerow)\b")
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def may_be_slow(source: str) -> bool:
+    """Whether rendering ``source`` may take long: it has :data:`SLOW_TEMPLATE_CHARS`
+    characters or more, or a ``for`` or ``tablerow`` loop (looked for inside every ``{% %}``,
+    the lines of a ``liquid`` tag included). A caller that shares its event loop renders such
+    a template on another thread. A false alarm (the word in a comment) only costs that hop."""
+    if len(source) >= SLOW_TEMPLATE_CHARS:
+        return True
+    return any(_LOOP.search(tag) for tag in _TAG.findall(source))
