@@ -13,6 +13,7 @@ from email.message import EmailMessage
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.utils import format_datetime
+from html.parser import HTMLParser
 
 import aiosmtplib
 import pytest
@@ -22,9 +23,11 @@ from hypothesis import strategies as st
 from opensequence.config import MAX_PUBLIC_URL
 from opensequence.mail.errors import PermanentSendError, TransientSendError
 from opensequence.mail.message import (
+    _BLOCK,
+    _SPACES,
     SMTP_POLICY,
-    _parsed_parts,
     _scanned_parts,
+    _tolerant_parts,
     build_message,
     format_from,
     html_to_text,
@@ -252,6 +255,48 @@ def test_message_bytes_are_what_the_stdlib_generator_writes(
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
 
 
+class _TextExtractor(HTMLParser):
+    """The reference for the text part: the calls of the stdlib's HTML parser, collected as
+    ``html_to_text`` describes (data outside script/style/head/title, blocks as line breaks,
+    "- " before list items, a link's target after it)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skip = 0
+        self._href: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("script", "style", "head", "title"):
+            self._skip += 1
+        elif tag in _BLOCK:
+            self.parts.append("\n")
+        if tag == "li":
+            self.parts.append("- ")
+        if tag == "a":
+            self._href = dict(attrs).get("href")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style", "head", "title"):
+            self._skip = max(0, self._skip - 1)
+        elif tag in _BLOCK:
+            self.parts.append("\n")
+        if tag == "a" and self._href:
+            self.parts.append(f" ({self._href})")
+            self._href = None
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.parts.append(_SPACES.sub(" ", data))
+
+
+def _parsed_parts(body: str) -> list[str]:
+    parser = _TextExtractor()
+    parser.feed(body)
+    parser.close()
+    return parser.parts
+
+
 _SIMPLE_MARKUP = st.sampled_from(
     [
         "&amp;", "&lt;b&gt;", "&#39;", "&nbsp;", "&amp;lt;", "&bogus;", "&", ">",
@@ -282,6 +327,43 @@ _MARKUP = st.one_of(
 def test_html_to_text_scan_agrees_with_the_parser(body: str) -> None:
     scanned = _scanned_parts(body)
     assert scanned is None or scanned == _parsed_parts(body)
+
+
+# Well-formed markup beyond the simple subset: every construct terminated.
+_WELL_FORMED = st.sampled_from(
+    [
+        "</P >", "<a href='single'>", "<a href=x>", "<a href = 'sp aced' >", "<A Href=\"Y\">",
+        "<a title='>' href=\"t\">", "<script>x<p>y</script>", "<SCRIPT>a</b></Script >",
+        "<style>p{}</style>", "<title>t</title>", "<head><title>t</title></head>",
+        "<textarea><p></textarea>", "<!-- c -->", "<!-- <p> -- >", "<!DOCTYPE html>", "<?pi?>",
+        "<![CDATA[x]]>", "<!x>", "</>", "<br/>", "<br />", "<li/>", "<a href='h'/>",
+        "<img src=i.png/>", "<td style='a:b;c:d' valign=top>", "</td>", "a < b", "< p>",
+    ]
+)  # fmt: skip
+_ANY_MARKUP = st.lists(st.one_of(_TEXT_RUN, _SIMPLE_MARKUP, _WELL_FORMED), max_size=14).map("".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(body=_ANY_MARKUP)
+def test_html_to_text_tolerant_scan_agrees_with_the_parser_on_terminated_markup(
+    body: str,
+) -> None:
+    assert "".join(_tolerant_parts(body)) == "".join(_parsed_parts(body))
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        ("a <a b='" * 3, "a\n"),  # a tag left open hides the rest, as in a browser
+        ("x<!-- never closed <p>y", "x\n"),
+        ("x<![" * 3, "x\n"),  # HTMLParser raised AssertionError here
+        ("x<script>y", "x\n"),
+        ("x</p", "x\n"),
+        ("<p>x<?", "x\n"),
+    ],
+)
+def test_html_to_text_reads_malformed_markup_in_one_pass(body: str, text: str) -> None:
+    assert html_to_text(body) == text
 
 
 def test_html_to_text_scan_covers_plain_email_markup() -> None:

@@ -23,7 +23,6 @@ from email.policy import Compat32
 from email.quoprimime import body_encode
 from email.utils import format_datetime
 from functools import lru_cache
-from html.parser import HTMLParser
 from typing import Any
 
 
@@ -67,44 +66,18 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 _BLOCK = {"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "hr"}
 
 
-class _TextExtractor(HTMLParser):
-    """HTML → readable text: blocks become line breaks, links keep their target."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skip = 0
-        self._href: str | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in ("script", "style", "head", "title"):
-            self._skip += 1
-        elif tag in _BLOCK:
-            self.parts.append("\n")
-        if tag == "li":
-            self.parts.append("- ")
-        if tag == "a":
-            self._href = dict(attrs).get("href")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style", "head", "title"):
-            self._skip = max(0, self._skip - 1)
-        elif tag in _BLOCK:
-            self.parts.append("\n")
-        if tag == "a" and self._href:
-            self.parts.append(f" ({self._href})")
-            self._href = None
-
-    def handle_data(self, data: str) -> None:
-        if not self._skip:
-            self.parts.append(_SPACES.sub(" ", data))
-
-
+# The text part is what an HTML parser's calls would collect: data (entities decoded, runs of
+# white space as one space) outside script, style, head and title; a line break at each start
+# and end of a block element; "- " before a list item; a link's target after its text. The
+# stdlib's HTMLParser gives those calls, but on some malformed markup it scans to the end of
+# the body again at every "<": "<a b='" 40,000 times (240 kB, a template within the size
+# limit) took 95 s on Python 3.11.7, every message. Two scans here produce the same calls in
+# linear time; property tests hold both against HTMLParser (tests/unit/test_mail_pieces.py).
+#
 # The simple markup of most email bodies: text without "<", start tags whose attributes are
 # whitespace-separated names with optional double-quoted values, and end tags written exactly
-# "</name>". For such a body a regular-expression scan makes the same calls the parser would;
-# anything else (comments, declarations, raw-text elements, other attribute syntax, a stray
-# "<") goes through HTMLParser. A property test holds the two against each other.
+# "</name>". Anything else (comments, declarations, raw-text elements, other attribute syntax,
+# a stray "<") goes through the tolerant scan below.
 _WS = "[ \t\n\r\f]"
 _TOKEN = re.compile(
     rf"([^<]+)"
@@ -128,7 +101,7 @@ def _href(attributes: str) -> str | None:
 
 
 def _scanned_parts(body: str) -> list[str] | None:
-    """What :class:`_TextExtractor` collects, for bodies in the simple subset; else None."""
+    """The text part's pieces, for bodies in the simple subset; else None."""
     parts: list[str] = []
     href: str | None = None
     position, end = 0, len(body)
@@ -161,17 +134,101 @@ def _scanned_parts(body: str) -> list[str] | None:
     return parts
 
 
-def _parsed_parts(body: str) -> list[str]:
-    parser = _TextExtractor()
-    parser.feed(body)
-    parser.close()
-    return parser.parts
+# Any markup, one token at a time. Every token ends at its terminator or at the end of the
+# body, and no quantifier backtracks (possessive), so a body is read once whatever it holds. On
+# well-formed markup the tokens are HTMLParser's. On malformed markup they follow what a
+# browser (an HTML5 tokenizer) shows of the HTML part: a comment, declaration or tag left open
+# hides the rest of the body, and a "<" that starts nothing is text.
+_NAME = r"[a-zA-Z][^\t\n\r\f />\x00]*+"
+_ANY_TOKEN = re.compile(
+    r"([^<]++)"  # 1: text
+    r"|<!--.*?(?:--\s*>|\Z)"  # a comment
+    r"|<!\[CDATA\[.*?(?:\]\]>|\Z)"  # a CDATA section
+    r"|<[!?][^>]*+(?:>|\Z)"  # a declaration or a processing instruction
+    rf"|</({_NAME})[^>]*+(?:>|\Z)"  # 2: an end tag
+    r"|</[^>]*+(?:>|\Z)"  # "</" and no name: skipped
+    rf"|<({_NAME})((?:[^>'\"]++|'[^']*+'|\"[^\"]*+\"|['\"])*+)(>|\Z)"  # 3: a start tag, 4, 5
+    r"|<",  # a "<" that starts nothing
+    re.DOTALL,
+)
+_ANY_ATTRIBUTE = re.compile(
+    r"""([^\s/>=][^\s/=>]*)(?:\s*=+\s*('[^']*'|"[^"]*"|(?!['"])[^>\s]*))?"""
+)
+# Script and style hold raw text up to their end tag.
+_RAW_END = {tag: re.compile(rf"</\s*{tag}\s*>", re.IGNORECASE) for tag in ("script", "style")}
+_SKIPPED = ("script", "style", "head", "title")
+
+
+def _any_href(attributes: str) -> str | None:
+    """The last ``href`` of a start tag's attributes: None without a value, else its value
+    unquoted and with entities decoded."""
+    found: str | None = None
+    for name, value in _ANY_ATTRIBUTE.findall(attributes):
+        if name.lower() == "href":
+            if value[:1] in ("'", '"'):
+                value = value[1:-1]
+            found = html.unescape(value) if value else None
+    return found
+
+
+def _tolerant_parts(body: str) -> list[str]:
+    """The text part's pieces, for any body, in one pass."""
+    parts: list[str] = []
+    skip = 0
+    href: str | None = None
+
+    def data(text: str) -> None:
+        if not skip:
+            parts.append(_SPACES.sub(" ", text))
+
+    def end_tag(tag: str) -> None:
+        nonlocal skip, href
+        if tag in _SKIPPED:
+            skip = max(0, skip - 1)
+        elif tag in _BLOCK:
+            parts.append("\n")
+        if tag == "a" and href:
+            parts.append(f" ({href})")
+            href = None
+
+    position, end = 0, len(body)
+    while position < end:
+        match = _ANY_TOKEN.match(body, position)
+        assert match is not None  # the last alternative matches any "<"
+        position = match.end()
+        text, stop, start, attributes, closer = match.groups()
+        if text is not None:
+            data(html.unescape(text))
+        elif stop is not None:
+            end_tag(stop.lower())
+        elif start is not None:
+            if not closer:  # no ">" before the end of the body
+                break
+            tag = start.lower()
+            if tag in _SKIPPED:
+                skip += 1
+            elif tag in _BLOCK:
+                parts.append("\n")
+            if tag == "li":
+                parts.append("- ")
+            if tag == "a":
+                href = _any_href(attributes)
+            if attributes.rstrip().endswith("/"):
+                end_tag(tag)
+            elif tag in _RAW_END:
+                found = _RAW_END[tag].search(body, position)
+                position = end if found is None else found.end()
+                if found is not None:
+                    end_tag(tag)
+        elif match.group() == "<":
+            data("<")
+    return parts
 
 
 def html_to_text(body: str) -> str:
     parts = _scanned_parts(body)
     if parts is None:
-        parts = _parsed_parts(body)
+        parts = _tolerant_parts(body)
     lines = [line.strip() for line in "".join(parts).splitlines()]
     text = "\n".join(lines)
     return html.unescape(_BLANK_LINES.sub("\n\n", text)).strip() + "\n"
