@@ -747,6 +747,29 @@ async def test_slow_templates_and_long_bodies_are_prepared_off_the_event_loop(
     assert text.get_content().split() == [word for i in range(1, 2001) for word in ("Ada", str(i))]
 
 
+async def test_a_long_subject_from_a_short_template_is_built_off_the_event_loop(
+    db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock
+) -> None:
+    """No loop and a short template, but a contact field makes the subject 20,000 characters:
+    its encoding is the slow part, and goes to the worker's thread too."""
+    org = await make_org(db)
+    field = "y" * 4000
+    contacts = await make_contacts(
+        db, org, [{"email": "a@example.org", "custom_data": {"f": field}}]
+    )
+    step = email_step(subject="{{ contact.custom_data.f }}" * 5)
+    sequence_id = await make_sequence(db, org, [step], started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    worker = make_worker(db, smtp_settings, clock)
+    try:
+        assert await worker.drain() == 1
+        assert worker._off_loop_thread is not None
+    finally:
+        await worker.transport.aclose()
+    [message] = sink.sink.received
+    assert message["Subject"] == field * 5
+
+
 async def test_maildir_delivery_writes_a_readable_message(
     db: Database, settings: Settings, clock: ManualClock, tmp_path: Path
 ) -> None:

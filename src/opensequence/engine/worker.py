@@ -93,9 +93,10 @@ RECORD_RETRY_SECONDS = 30.0
 # may render up to 4 MiB per contact (mail.templates); a batch of 200 such sends held ~800 MB
 # until its last send, per loop. Ordinary mail (a few kB a send) never comes near it.
 RENDER_BUDGET = 32 * 1024 * 1024
-# Bodies at least this long get their MIME built off the event loop (see Worker._off_loop):
-# ~2 ms of quoted-printable and text extraction and up, per message.
-OFF_LOOP_BODY_CHARS = 16 * 1024
+# Mail whose body and subject have this many characters or more gets its MIME built off the
+# event loop (see Worker._off_loop): ~2 ms of quoted-printable, text extraction and header
+# encoding and up, per message.
+OFF_LOOP_MAIL_CHARS = 16 * 1024
 # The interpreter's switch interval once work runs off the loop (see Worker._off_loop).
 OFF_LOOP_SWITCH_SECONDS = 0.001
 
@@ -762,7 +763,8 @@ class Worker:
         if self._stopping or self.clock.now() >= lease.until:
             return item, _NotSent("not sent: worker stopping or lease expiring")
         try:
-            if len(item.rendered["body"]) >= OFF_LOOP_BODY_CHARS:
+            rendered = item.rendered
+            if len(rendered["body"]) + len(rendered["subject"]) >= OFF_LOOP_MAIL_CHARS:
                 outgoing = await self._off_loop(item.outgoing)
             else:
                 outgoing = item.outgoing()
