@@ -632,6 +632,11 @@ BAD_CREATES = [
     ),
     ({"steps": [step(subject="{{ contact.name | }}")]}, "steps[0].action.data.email_subject"),
     ({"steps": [step(body="a\n{% endif %}\nb")]}, "steps[0].action.data.email_body: line 2"),
+    # 100 kB that Liquid's lexer would take minutes over: refused at once.
+    (
+        {"steps": [step(body="<p>{{ contact.name }}</p>\n" + "{{" * 50_000)]},
+        "steps[0].action.data.email_body: line 2: 50000 '{{' with no '}}' after them",
+    ),
 ]
 
 

@@ -8,7 +8,12 @@ from hypothesis import strategies as st
 from liquid.exceptions import LiquidError
 
 from opensequence.mail.render import SLOW_TEMPLATE_CHARS, TemplateError, may_be_slow, render
-from opensequence.mail.templates import TemplateEnvironment, TemplateSyntaxError, compile_template
+from opensequence.mail.templates import (
+    MAX_UNCLOSED_OPENERS,
+    TemplateEnvironment,
+    TemplateSyntaxError,
+    compile_template,
+)
 
 
 def test_renders_contact_values_with_defaults() -> None:
@@ -114,3 +119,33 @@ def test_substitution_plans_render_exactly_as_liquid(
 )
 def test_templates_that_may_render_slowly_are_told_apart(source: str, slow: bool) -> None:
     assert may_be_slow(source) is slow
+
+
+@pytest.mark.parametrize(
+    ("source", "line", "count", "opens", "closes"),
+    [
+        ("Hi {{ contact.name }}\n" + "{{" * 20_000, 2, 20_000, "'{{'", "'}}'"),  # 47 s to lex
+        ("a\nb\n" + "{" * 20_000, 3, 10_000, "'{{'", "'}}'"),
+        ("{% raw %}x{% endraw %}\n" + "{% raw %}" * 200, 2, 200, "'{% raw %}'", "'{% endraw %}'"),
+        ("{%- doc -%}" * 101, 1, 101, "'{% doc %}'", "'{% enddoc %}'"),
+        # Valid Liquid, but lexed in quadratic time all the same: refused too.
+        ("{% raw %}" + "{{ " * 200 + "{% endraw %}", 1, 200, "'{{'", "'}}'"),
+    ],
+)
+def test_many_unclosed_openers_are_refused_without_lexing(
+    source: str, line: int, count: int, opens: str, closes: str
+) -> None:
+    with pytest.raises(TemplateSyntaxError) as caught:
+        compile_template(source)
+    assert caught.value.line == line
+    assert caught.value.detail == (
+        f"{count} {opens} with no {closes} after them; at most {MAX_UNCLOSED_OPENERS} are"
+        " accepted, in comment and raw blocks too"
+    )
+
+
+def test_up_to_the_limit_unclosed_openers_get_liquids_own_answer() -> None:
+    with pytest.raises(TemplateSyntaxError, match="expected '}}', found end of file"):
+        compile_template("{{ a }}" + "{{" * MAX_UNCLOSED_OPENERS)
+    literal = "{% raw %}" + "{{ " * MAX_UNCLOSED_OPENERS + "{% endraw %}"
+    assert compile_template(literal).render() == "{{ " * MAX_UNCLOSED_OPENERS

@@ -8,6 +8,8 @@ and ``render`` find no files), capped loop iterations, local namespace and outpu
 
 from __future__ import annotations
 
+import re
+from collections import deque
 from functools import cache
 
 from liquid import BoundTemplate, Environment
@@ -31,6 +33,50 @@ class TemplateSyntaxError(ValueError):
         self.detail = detail
 
 
+# Liquid's lexer tries each "{{" as an output statement, scanning ahead for its "}}", and each
+# "{% raw %}" for its "{% endraw %}", inside comment and raw blocks too. Openers past the last
+# closer each scan to the end of the template: 20,000 "{{" (40 kB, where 256 KiB are accepted)
+# took 47 s to parse. A template with more such openers than this is refused without the scans
+# (usually it has a syntax error anyway; fewer cost little and get Liquid's own answer).
+MAX_UNCLOSED_OPENERS = 100
+_OPENERS = (
+    (re.compile(r"\{\{"), re.compile(r"\}\}"), "'{{'", "'}}'"),
+    (
+        re.compile(r"\{%-?\s*raw\s*-?%\}"),
+        re.compile(r"\{%-?\s*endraw\s*-?%\}"),
+        "'{% raw %}'",
+        "'{% endraw %}'",
+    ),
+    (
+        re.compile(r"\{%-?\s*doc\s*-?%\}"),
+        re.compile(r"\{%-?\s*enddoc\s*-?%\}"),
+        "'{% doc %}'",
+        "'{% enddoc %}'",
+    ),
+)
+
+
+def _refuse_many_unclosed(source: str) -> None:
+    """Raise :class:`TemplateSyntaxError` when more than :data:`MAX_UNCLOSED_OPENERS` openers
+    of one kind come after the last closer of that kind (one pass per kind), naming the line
+    of the first."""
+    for opener, closer, opens, closes in _OPENERS:
+        last = deque(closer.finditer(source), maxlen=1)
+        tail = last[0].end() if last else 0
+        unclosed = opener.finditer(source, tail)
+        first = next(unclosed, None)
+        if first is None:
+            continue
+        count = 1 + sum(1 for _ in unclosed)
+        if count > MAX_UNCLOSED_OPENERS:
+            line = source.count("\n", 0, first.start()) + 1
+            raise TemplateSyntaxError(
+                line,
+                f"{count} {opens} with no {closes} after them; at most {MAX_UNCLOSED_OPENERS}"
+                " are accepted, in comment and raw blocks too",
+            )
+
+
 @cache
 def template_environment() -> TemplateEnvironment:
     return TemplateEnvironment()
@@ -43,6 +89,7 @@ def compile_template(source: str) -> BoundTemplate:
     Liquid reports no position for errors found at the end of the input (an unclosed block, an
     unfinished expression on the last line); those name the last line, "at end of template".
     """
+    _refuse_many_unclosed(source)
     try:
         return template_environment().from_string(source)
     except LiquidError as exc:
