@@ -380,6 +380,7 @@ class Worker:
         batch size."""
         slices = Slices()
         rendered = 0
+        slow: dict[tuple[uuid.UUID, int], bool] = {}  # per step, see _renders_slowly
         sequences, contacts, existing = loaded.sequences, loaded.contacts, loaded.existing
         steps_by_index = {
             sequence_id: {row.step_index: row for row in rows}
@@ -422,7 +423,10 @@ class Worker:
             decide = functools.partial(
                 self._decide, item, sequence, step, contact, loaded.secret, contact.suppression
             )
-            decision = await self._off_loop(decide) if _renders_slowly(step) else decide()
+            key = (item.sequence_id, item.current_step)
+            if key not in slow:
+                slow[key] = _renders_slowly(step)
+            decision = await self._off_loop(decide) if slow[key] else decide()
             if decision.rendered is not None:
                 rendered += len(decision.rendered["subject"]) + len(decision.rendered["body"])
             if decision.status == "sending" and sequence.send_window:

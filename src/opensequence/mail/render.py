@@ -125,12 +125,12 @@ _TAG = re.compile(r"{%(.*?)%}", re.DOTALL)
 _LOOP = re.compile(r"\b(?:for|tablerow)\b")
 
 
-@lru_cache(maxsize=_CACHE_SIZE)
 def may_be_slow(source: str) -> bool:
     """Whether rendering ``source`` may take long: it has :data:`SLOW_TEMPLATE_CHARS`
     characters or more, or a ``for`` or ``tablerow`` loop (looked for inside every ``{% %}``,
     the lines of a ``liquid`` tag included). A caller that shares its event loop renders such
-    a template on another thread. A false alarm (the word in a comment) only costs that hop."""
+    a template on another thread. A false alarm (the word in a comment) only costs that hop.
+    One pass over ``source``: callers ask once per template and batch, not per message."""
     if len(source) >= SLOW_TEMPLATE_CHARS:
         return True
     return any(_LOOP.search(tag) for tag in _TAG.findall(source))
