@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import mailbox
 import uuid
 from collections.abc import Awaitable, Callable
@@ -623,6 +624,77 @@ async def test_no_send_starts_while_outcomes_cannot_be_recorded(
     async with db.transaction() as session:
         statuses = await session.scalars(select(Message.status).where(Message.org_id == org))
         assert list(statuses) == ["sent"] * 60
+
+
+async def test_an_unsubscribe_committed_while_recording_is_paused_stops_the_rest_of_the_batch(
+    db: Database,
+    smtp_settings: Settings,
+    sink: SinkServer,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch's recheck ran before its sends began. While recording outcomes fails the lanes
+    wait, and an unsubscribe may commit meanwhile (the API reaching the database when this
+    worker does not): once recording works again, the rest of the batch is checked again
+    before anything more goes out."""
+    org = await make_org(db)
+    people = [{"email": f"p{i}@x.org"} for i in range(60)]
+    contacts = await make_contacts(db, org, people)
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    original = repo.update_messages
+    failures = [OSError("connection lost")]
+    delivered_at_failure: list[int] = []
+    unsubscribed: list[str] = []
+
+    async def unsubscribe_everyone_not_yet_sent() -> None:
+        async with db.transaction() as session:
+            received = {str(m["To"]) for m in sink.sink.received}
+            for person in people:
+                if person["email"] not in received:
+                    await suppress(session, org, person["email"], "unsubscribed", clock.now())
+                    unsubscribed.append(person["email"])
+
+    unsubscribing: list[asyncio.Task[None]] = []
+
+    async def flaky(session: Any, changes: Any, now: Any) -> None:
+        if failures and any(change["b_status"] == "sent" for change in changes):
+            delivered_at_failure.append(len(sink.sink.received))
+            # Committed by a task of its own while the lanes wait (outside this transaction,
+            # which on SQLite holds the write turn), and before the retry records anything.
+            unsubscribing.append(
+                asyncio.get_running_loop().create_task(
+                    unsubscribe_everyone_not_yet_sent(), context=contextvars.Context()
+                )
+            )
+            raise failures.pop(0)
+        for task in unsubscribing:
+            await task
+        await original(session, changes, now)
+
+    monkeypatch.setattr(repo, "update_messages", flaky)
+    transport = transport_from_url(smtp_settings.mail_url, pool_size=2)
+    worker = Worker(db, transport, smtp_settings, clock=clock, concurrency=2, batch_size=60)
+    try:
+        assert await worker.drain() == 60
+    finally:
+        await transport.aclose()
+    [at_failure] = delivered_at_failure
+    received = [str(m["To"]) for m in sink.sink.received]
+    # Only the sends in flight when the unsubscribes committed (two lanes) still went out.
+    assert len(received) <= at_failure + 2, (at_failure, len(received))
+    assert len(received) + len(unsubscribed) >= 60
+    async with db.transaction() as session:
+        rows = (
+            await session.execute(
+                select(Message.to_email, Message.status, Message.reason).where(
+                    Message.org_id == org
+                )
+            )
+        ).all()
+    by_status = {(status, reason) for _, status, reason in rows}
+    assert by_status <= {("sent", None), ("skipped", "unsubscribed")}
+    assert sorted(e for e, status, _ in rows if status == "sent") == sorted(received)
 
 
 async def test_skips_and_template_errors(

@@ -715,21 +715,50 @@ class Worker:
         to be resent, and the database work overlaps the sends still in flight. A chunk is 5x
         the concurrency: each one is a transaction, which on a loaded machine costs ~2-3 ms of
         the event loop's time whatever its size. While a chunk's recording is failing, no
-        lane of any batch starts a send (``_recording``)."""
+        lane of any batch starts a send (``_recording``); once it works again, the rest of the
+        batch is checked again (``refresh``) before the next send starts."""
         if not sends:
             return
         queue = collections.deque(sends)
         done: list[tuple[_Send, SendError | None]] = []
         ready = asyncio.Event()
+        # Pauses of the recording gate seen by this batch's lanes, and how many of them the
+        # rest of the batch has been checked again after (see refresh).
+        pauses = checked = 0
+        refreshing = asyncio.Lock()
+
+        async def refresh() -> None:
+            """Check what is left of the batch again after a pause: the recheck before the sends
+            began may be seconds old, and an unsubscribe or a cancel may have committed while
+            this worker could not record (the API reaching the database when it did not)."""
+            nonlocal checked
+            async with refreshing:
+                if checked == pauses:
+                    return
+                seen = pauses
+                try:
+                    kept = await self._recheck(list(queue))
+                except (DBAPIError, OSError) as exc:
+                    # As when recording fails for good: nothing more is sent, the claims run
+                    # out their leases and go out later.
+                    log.warning("checking the rest of a batch again failed: %s", exc)
+                    kept = []
+                queue.clear()
+                queue.extend(kept)
+                checked = seen
 
         async def lane() -> None:
+            nonlocal pauses
             try:
                 if not queue:
                     return
                 async with self._slots:
                     while queue:
                         if not self._recording.is_set():
+                            pauses += 1
                             await self._recording.wait()
+                        if checked != pauses:
+                            await refresh()
                             if not queue:
                                 break
                         done.append(await self._send(queue.popleft(), lease))
