@@ -4,8 +4,7 @@ parsing is timed) and against a raw baseline, one regular expression that strips
 
 Each malformed pattern is repeated 10,000 and 20,000 times: a linear reader takes about twice
 as long for twice the input, one that rescans the rest of the body at every "<" about four
-times. The ordinary body is a ~60 kB newsletter with a style block and comments (so it takes
-the tolerant scan, not the fast one for simple markup).
+times. The ordinary body is a ~60 kB newsletter with a style block and comments.
 
     .venv/bin/python bench/html_text.py
 """

@@ -71,76 +71,16 @@ _BLOCK = {"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tab
 # and end of a block element; "- " before a list item; a link's target after its text. The
 # stdlib's HTMLParser gives those calls, but on some malformed markup it scans to the end of
 # the body again at every "<": "<a b='" 40,000 times (240 kB, a template within the size
-# limit) took 95 s on Python 3.11.7, every message. Two scans here produce the same calls in
-# linear time; property tests hold both against HTMLParser (tests/unit/test_mail_pieces.py).
+# limit) took 95 s on Python 3.11.7, every message. The scan below produces the same calls in
+# linear time; a property test holds it against HTMLParser (tests/unit/test_mail_pieces.py).
 #
-# The simple markup of most email bodies: text without "<", start tags whose attributes are
-# whitespace-separated names with optional double-quoted values, and end tags written exactly
-# "</name>". Anything else (comments, declarations, raw-text elements, other attribute syntax,
-# a stray "<") goes through the tolerant scan below.
-_WS = "[ \t\n\r\f]"
-_TOKEN = re.compile(
-    rf"([^<]+)"
-    rf"|<([a-zA-Z][a-zA-Z0-9]*)((?:{_WS}+[a-zA-Z][a-zA-Z0-9-]*(?:=\"[^\"<>]*\")?)*){_WS}*(/?)>"
-    rf"|</([a-zA-Z][a-zA-Z0-9]*)>"
-)
-_ATTRIBUTE = re.compile(rf"{_WS}+([a-zA-Z][a-zA-Z0-9-]*)(?:=\"([^\"<>]*)\")?")
-_RAW_TEXT = {
-    "script", "style", "head", "title", "textarea", "xmp", "iframe", "noembed", "noframes",
-    "noscript", "plaintext",
-}  # fmt: skip
-
-
-def _href(attributes: str) -> str | None:
-    """The last ``href`` as HTMLParser reports it: None without "=", unescaped otherwise."""
-    found: str | None = None
-    for name, value in _ATTRIBUTE.findall(attributes):
-        if name.lower() == "href":
-            found = html.unescape(value) if value else value
-    return found
-
-
-def _scanned_parts(body: str) -> list[str] | None:
-    """The text part's pieces, for bodies in the simple subset; else None."""
-    parts: list[str] = []
-    href: str | None = None
-    position, end = 0, len(body)
-    while position < end:
-        match = _TOKEN.match(body, position)
-        if match is None:
-            return None
-        position = match.end()
-        text, start, attributes, closed, stop = match.groups()
-        if text is not None:
-            parts.append(_SPACES.sub(" ", html.unescape(text)))
-            continue
-        tag = (start if start is not None else stop).lower()
-        if tag in _RAW_TEXT:
-            return None
-        if start is not None:
-            if tag in _BLOCK:
-                parts.append("\n")
-            if tag == "li":
-                parts.append("- ")
-            if tag == "a":
-                href = _href(attributes)
-            if not closed:
-                continue
-        if tag in _BLOCK:
-            parts.append("\n")
-        if tag == "a" and href:
-            parts.append(f" ({href})")
-            href = None
-    return parts
-
-
 # Any markup, one token at a time. Every token ends at its terminator or at the end of the
 # body, and no quantifier backtracks (possessive), so a body is read once whatever it holds. On
 # well-formed markup the tokens are HTMLParser's. On malformed markup they follow what a
 # browser (an HTML5 tokenizer) shows of the HTML part: a comment, declaration or tag left open
 # hides the rest of the body, and a "<" that starts nothing is text.
 _NAME = r"[a-zA-Z][^\t\n\r\f />\x00]*+"
-_ANY_TOKEN = re.compile(
+_TOKEN = re.compile(
     r"([^<]++)"  # 1: text
     r"|<!--.*?(?:--\s*>|\Z)"  # a comment
     r"|<!\[CDATA\[.*?(?:\]\]>|\Z)"  # a CDATA section
@@ -151,19 +91,17 @@ _ANY_TOKEN = re.compile(
     r"|<",  # a "<" that starts nothing
     re.DOTALL,
 )
-_ANY_ATTRIBUTE = re.compile(
-    r"""([^\s/>=][^\s/=>]*)(?:\s*=+\s*('[^']*'|"[^"]*"|(?!['"])[^>\s]*))?"""
-)
+_ATTRIBUTE = re.compile(r"""([^\s/>=][^\s/=>]*)(?:\s*=+\s*('[^']*'|"[^"]*"|(?!['"])[^>\s]*))?""")
 # Script and style hold raw text up to their end tag.
 _RAW_END = {tag: re.compile(rf"</\s*{tag}\s*>", re.IGNORECASE) for tag in ("script", "style")}
 _SKIPPED = ("script", "style", "head", "title")
 
 
-def _any_href(attributes: str) -> str | None:
+def _href(attributes: str) -> str | None:
     """The last ``href`` of a start tag's attributes: None without a value, else its value
     unquoted and with entities decoded."""
     found: str | None = None
-    for name, value in _ANY_ATTRIBUTE.findall(attributes):
+    for name, value in _ATTRIBUTE.findall(attributes):
         if name.lower() == "href":
             if value[:1] in ("'", '"'):
                 value = value[1:-1]
@@ -171,8 +109,8 @@ def _any_href(attributes: str) -> str | None:
     return found
 
 
-def _tolerant_parts(body: str) -> list[str]:
-    """The text part's pieces, for any body, in one pass."""
+def _text_parts(body: str) -> list[str]:
+    """The text part's pieces, in one pass over ``body``."""
     parts: list[str] = []
     skip = 0
     href: str | None = None
@@ -193,7 +131,7 @@ def _tolerant_parts(body: str) -> list[str]:
 
     position, end = 0, len(body)
     while position < end:
-        match = _ANY_TOKEN.match(body, position)
+        match = _TOKEN.match(body, position)
         assert match is not None  # the last alternative matches any "<"
         position = match.end()
         text, stop, start, attributes, closer = match.groups()
@@ -212,7 +150,7 @@ def _tolerant_parts(body: str) -> list[str]:
             if tag == "li":
                 parts.append("- ")
             if tag == "a":
-                href = _any_href(attributes)
+                href = _href(attributes)
             if attributes.rstrip().endswith("/"):
                 end_tag(tag)
             elif tag in _RAW_END:
@@ -226,9 +164,7 @@ def _tolerant_parts(body: str) -> list[str]:
 
 
 def html_to_text(body: str) -> str:
-    parts = _scanned_parts(body)
-    if parts is None:
-        parts = _tolerant_parts(body)
+    parts = _text_parts(body)
     lines = [line.strip() for line in "".join(parts).splitlines()]
     text = "\n".join(lines)
     return html.unescape(_BLANK_LINES.sub("\n\n", text)).strip() + "\n"
