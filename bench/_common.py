@@ -226,8 +226,15 @@ def fresh_database(backend: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def served_api(database_url: str, *, extra_env: dict[str, str] | None = None) -> Iterator[str]:
-    """``opensequence api`` in a subprocess on a free port; yields its base URL."""
+def served_api(
+    database_url: str,
+    *,
+    extra_env: dict[str, str] | None = None,
+    command: str = "api",
+    cwd: str | None = None,
+) -> Iterator[str]:
+    """``opensequence api`` (or ``command``, e.g. ``serve``) in a subprocess on a free port,
+    run in ``cwd``; yields its base URL once it answers."""
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("OPENSEQUENCE_")},
@@ -236,8 +243,9 @@ def served_api(database_url: str, *, extra_env: dict[str, str] | None = None) ->
         **(extra_env or {}),
     }
     with subprocess.Popen(
-        [sys.executable, "-m", "opensequence", "api", "--port", str(port)],
+        [sys.executable, "-m", "opensequence", command, "--port", str(port)],
         env=env,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     ) as process:
@@ -251,7 +259,7 @@ def served_api(database_url: str, *, extra_env: dict[str, str] | None = None) ->
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("the API did not start")
+                    raise RuntimeError(f"opensequence {command} did not start")
                 time.sleep(0.1)
             yield base
         finally:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from _common import REPO, free_port, percentile, subprocess_env
+from _common import percentile, served_api
 from _drills import create_key
 from opensequence.db.migrate import upgrade
 
@@ -45,70 +44,41 @@ async def one(body: str, sends: int) -> tuple[list[float], float]:
         url = f"sqlite:///{tmp}/bench.db"
         upgrade(url)
         key = await create_key(url, "bench")
-        port = free_port()
         outbox = Path(tmp, "outbox", "new")
-        with start_serve(url, tmp, port) as server:
-            try:
-                async with httpx.AsyncClient(
-                    base_url=f"http://127.0.0.1:{port}",
-                    headers={"Authorization": f"Bearer {key}"},
-                    timeout=120,
-                ) as client:
-                    await until_serving(client)
-                    created = await client.post(
-                        "/contacts", json={"contact": {"email": "probe@example.org"}}
-                    )
-                    probe = created.json()["id"]
-                    sequence = await client.post("/sequences", json=sequence_body(body))
-                    people = [
-                        {"email": f"p{i}@example.org", "name": f"Person {i}"} for i in range(sends)
-                    ]
-                    added = await client.post(
-                        f"/sequences/{sequence.json()['id']}/contacts", json={"contacts": people}
-                    )
-                    added.raise_for_status()
-                    started = time.monotonic()
-                    latencies: list[float] = []
-                    while delivered(outbox) < sends:
-                        if time.monotonic() - started > 600:
-                            raise TimeoutError(f"{delivered(outbox)} of {sends} sent in 600 s")
-                        before = time.perf_counter()
-                        (await client.get(f"/contacts/{probe}")).raise_for_status()
-                        latencies.append(time.perf_counter() - before)
-                        await asyncio.sleep(0.02)
-                    return latencies, time.monotonic() - started
-            finally:
-                server.terminate()
-                server.wait(timeout=60)
-
-
-def start_serve(url: str, directory: str, port: int) -> subprocess.Popen[bytes]:
-    env = subprocess_env(
-        url, f"maildir://{directory}/outbox", OPENSEQUENCE_RATE_LIMIT="1000000/minute"
-    )
-    return subprocess.Popen(
-        [str(REPO / ".venv" / "bin" / "opensequence"), "serve", "--port", str(port)],
-        env=env,
-        cwd=directory,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+        mail = {
+            "OPENSEQUENCE_MAIL_URL": f"maildir://{tmp}/outbox",
+            "OPENSEQUENCE_WORKER_POLL_SECONDS": "0.1",
+        }
+        with served_api(url, extra_env=mail, command="serve", cwd=tmp) as base:
+            async with httpx.AsyncClient(
+                base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120
+            ) as client:
+                created = await client.post(
+                    "/contacts", json={"contact": {"email": "probe@example.org"}}
+                )
+                probe = created.json()["id"]
+                sequence = await client.post("/sequences", json=sequence_body(body))
+                people = [
+                    {"email": f"p{i}@example.org", "name": f"Person {i}"} for i in range(sends)
+                ]
+                added = await client.post(
+                    f"/sequences/{sequence.json()['id']}/contacts", json={"contacts": people}
+                )
+                added.raise_for_status()
+                started = time.monotonic()
+                latencies: list[float] = []
+                while delivered(outbox) < sends:
+                    if time.monotonic() - started > 600:
+                        raise TimeoutError(f"{delivered(outbox)} of {sends} sent in 600 s")
+                    before = time.perf_counter()
+                    (await client.get(f"/contacts/{probe}")).raise_for_status()
+                    latencies.append(time.perf_counter() - before)
+                    await asyncio.sleep(0.02)
+                return latencies, time.monotonic() - started
 
 
 def delivered(outbox: Path) -> int:
     return sum(1 for _ in outbox.iterdir()) if outbox.exists() else 0
-
-
-async def until_serving(client: httpx.AsyncClient) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if (await client.get("/contacts")).status_code == 200:
-                return
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.1)
 
 
 def sequence_body(body: str) -> dict[str, object]:
