@@ -50,7 +50,7 @@ def pg_url(name: str) -> str:
 def create_pg_database(prefix: str) -> str:
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        conn.execute(f'CREATE DATABASE "{name}"')
     url = pg_url(name)
     upgrade(url)
     return url
@@ -59,10 +59,10 @@ def create_pg_database(prefix: str) -> str:
 def drop_pg_database(url: str) -> None:
     name = url.rpartition("/")[2]
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-STEP = {
+STEP: dict[str, Any] = {
     "type": "send_emails",
     "data": {
         "from_email": "bench@example.com",

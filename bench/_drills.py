@@ -239,7 +239,7 @@ async def account(
     *,
     resend_allowed: Callable[[str], bool],
     max_duplicates: int,
-) -> tuple[dict[str, int], list[str]]:
+) -> tuple[dict[str, Any], list[str]]:
     """Compare send records with what the sink received; ``resend_allowed(message_id)`` says
     whether that message was in flight at the fault. Returns (counts, problems)."""
     async with db.transaction() as session:
@@ -265,7 +265,7 @@ async def account(
     split = [key for key, ids in sink.keys.items() if len(ids) > 1]
     if split:
         problems.append(f"{len(split)} (recipient, step) pairs arrived under 2+ Message-IDs")
-    counts = {
+    counts: dict[str, Any] = {
         "expected": expected,
         "send records sent": statuses.get("sent", 0),
         "unique Message-IDs received": len(sink.ids),

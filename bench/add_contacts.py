@@ -19,6 +19,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -78,9 +79,12 @@ def http_runs(url: str, items: int, repeat: int) -> list[float]:
     return timings
 
 
-def raw_rows(items: int, run: int, org: uuid.UUID, seq: uuid.UUID, run_id: uuid.UUID):  # type: ignore[no-untyped-def]
+def raw_rows(
+    items: int, run: int, org: uuid.UUID, seq: uuid.UUID, run_id: uuid.UUID
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     now = datetime.now(UTC)
-    contacts, enrollments = [], []
+    contacts: list[tuple[Any, ...]] = []
+    enrollments: list[tuple[Any, ...]] = []
     for i in range(items):
         contact_id = new_id()
         email = f"raw{run}-{i}@example.com"
@@ -139,7 +143,7 @@ def raw_baseline(url: str, backend: str, items: int, repeat: int) -> list[float]
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
 
-        def adapt(row: tuple) -> tuple:  # type: ignore[type-arg]
+        def adapt(row: tuple[Any, ...]) -> tuple[Any, ...]:
             return tuple(
                 v.hex
                 if isinstance(v, uuid.UUID)
@@ -170,24 +174,24 @@ def raw_baseline(url: str, backend: str, items: int, repeat: int) -> list[float]
             timings.append(time.perf_counter() - started)
         conn.close()
         return timings
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(url) as pg:
         for sql, row in setup:
-            conn.execute(sql.format(",".join(["%s"] * len(row))), row)  # type: ignore[arg-type]
-        conn.commit()
+            pg.execute(sql.format(",".join(["%s"] * len(row))), row)
+        pg.commit()
         for run in range(repeat):
             run_id = new_id()
-            conn.execute(
+            pg.execute(
                 "INSERT INTO runs (id, org_id, sequence_id, kind, total, counts, created_at)"
                 " VALUES (%s,%s,%s,%s,%s,%s,%s)",
                 (run_id, org, seq, "add_contacts", items, json.dumps({}), datetime.now(UTC)),
             )
-            conn.commit()
+            pg.commit()
             contacts, enrollments = raw_rows(items, run, org, seq, run_id)
             started = time.perf_counter()
-            with conn.cursor() as cur:
-                cur.executemany(CONTACTS_SQL.format(",".join(["%s"] * 9)), contacts)  # type: ignore[arg-type]
-                cur.executemany(ENROLL_SQL.format(",".join(["%s"] * 15)), enrollments)  # type: ignore[arg-type]
-            conn.commit()
+            with pg.cursor() as cur:
+                cur.executemany(CONTACTS_SQL.format(",".join(["%s"] * 9)), contacts)
+                cur.executemany(ENROLL_SQL.format(",".join(["%s"] * 15)), enrollments)
+            pg.commit()
             timings.append(time.perf_counter() - started)
     return timings
 

@@ -60,7 +60,7 @@ def raw_rows(
 ) -> list[tuple[object, ...]]:
     now = datetime.now(UTC)
     stamp: object = now.replace(tzinfo=None).isoformat(sep=" ") if sqlite_form else now
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for email in emails:
         contact_id = new_id()
         rows.append(
@@ -117,7 +117,7 @@ def pg_raw(url: str, org_id: uuid.UUID, emails: list[str]) -> tuple[float, float
         def run(statement: str) -> Callable[[], None]:
             def work() -> None:
                 with conn.cursor() as cursor:
-                    cursor.executemany(statement, rows)  # type: ignore[arg-type]
+                    cursor.executemany(statement, rows)
                 conn.commit()
 
             return work
@@ -166,14 +166,14 @@ def main() -> None:
     base, _, _ = args.pg.rpartition("/")
     url = f"{base}/{name}"
     with psycopg.connect(args.pg, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        admin.execute(f'CREATE DATABASE "{name}"')
     try:
         upgrade(url)
         new, existing, org_id = asyncio.run(through_service(url, emails))
         report("postgresql", (new, existing), pg_raw(url, org_id, emails), args.rows)
     finally:
         with psycopg.connect(args.pg, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def peak_rss_mib() -> float:
 
 def _pg_admin(sql: str) -> None:
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
+        conn.execute(sql)
 
 
 async def insert_contacts(db: Database, org_id: uuid.UUID, n: int) -> float:
