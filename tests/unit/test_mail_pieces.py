@@ -348,6 +348,33 @@ def test_html_to_text_scan_covers_plain_email_markup() -> None:
     assert _text_parts(body) == _parsed_parts(body)
 
 
+def test_html_to_text_decodes_references_once() -> None:
+    """The text part says what the HTML shows: escaped markup stays escaped text."""
+    body = "<p>Write &amp;lt;b&amp;gt; for bold, &amp;amp; for &amp;</p>"
+    assert html_to_text(body) == "Write &lt;b&gt; for bold, &amp; for &\n"
+    link = '<a href="https://x.y/?a=1&amp;copy=2&amp;amp;b">l</a>'
+    assert html_to_text(link) == "l (https://x.y/?a=1&copy=2&amp;b)\n"
+
+
+@pytest.mark.parametrize(
+    ("href", "target"),
+    [
+        # A bare "&" before a name that runs on is a query separator, not a reference.
+        ("?a=1&section=2&region=eu&notify=1", "?a=1&section=2&region=eu&notify=1"),
+        ("?a=1&copy=2", "?a=1&copy=2"),  # a reference's name followed by "="
+        ("?a&copy", "?a©"),  # ... by nothing
+        ("&copy/&copy;x&amp;&AMP;&lt", "©/©x&&<"),
+        ("&#39;&#x41;&#65&#", "'AA&#"),
+        ("&regx;&ampx;&bogus;", "&regx;&ampx;&bogus;"),
+    ],
+)
+def test_link_targets_decode_references_as_attributes_do(href: str, target: str) -> None:
+    """HTML5 reads character references in an attribute value differently from text (where
+    ``&section`` shows as ``§ion``); ``html.unescape`` and so ``HTMLParser`` use the text rules.
+    """
+    assert html_to_text(f'<a href="{href}">l</a>') == f"l ({target})\n"
+
+
 def test_html_to_text_drops_style_and_script() -> None:
     assert html_to_text("<style>p{}</style><script>x()</script><b>Hi</b>") == "Hi\n"
 

@@ -23,6 +23,7 @@ from email.policy import Compat32
 from email.quoprimime import body_encode
 from email.utils import format_datetime
 from functools import lru_cache
+from html.entities import html5
 from typing import Any
 
 
@@ -99,14 +100,34 @@ _SKIPPED = ("script", "style", "head", "title")
 
 def _href(attributes: str) -> str | None:
     """The last ``href`` of a start tag's attributes: None without a value, else its value
-    unquoted and with entities decoded."""
+    unquoted and with character references decoded as a browser decodes them in an attribute."""
     found: str | None = None
     for name, value in _ATTRIBUTE.findall(attributes):
         if name.lower() == "href":
             if value[:1] in ("'", '"'):
                 value = value[1:-1]
-            found = html.unescape(value) if value else None
+            found = _attribute_value(value) if value else None
     return found
+
+
+_REFERENCE = re.compile(r"&(?:#[xX]?[0-9a-fA-F]*;?|([A-Za-z][A-Za-z0-9]*;?))")
+
+
+def _attribute_value(value: str) -> str:
+    """Character references in an attribute value, decoded as HTML5 says. Unlike in text, a
+    named reference without its ``;`` that runs on into letters, digits or ``=`` stays as
+    written: ``?a=1&section=2`` is a link's query, not ``§ion=2`` (which ``html.unescape``,
+    reading text rules, makes of it). Links in templates often carry bare ``&``."""
+
+    def decode(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:  # numeric: decoded with or without the ";"
+            return html.unescape(match.group())
+        if name in html5 and (name.endswith(";") or value[match.end() : match.end() + 1] != "="):
+            return html5[name]
+        return match.group()
+
+    return _REFERENCE.sub(decode, value)
 
 
 def _text_parts(body: str) -> list[str]:
@@ -167,7 +188,7 @@ def html_to_text(body: str) -> str:
     parts = _text_parts(body)
     lines = [line.strip() for line in "".join(parts).splitlines()]
     text = "\n".join(lines)
-    return html.unescape(_BLANK_LINES.sub("\n\n", text)).strip() + "\n"
+    return _BLANK_LINES.sub("\n\n", text).strip() + "\n"
 
 
 def _encoded(value: str) -> str:
