@@ -1,4 +1,4 @@
-"""Migration 0011 keeps 30 % of the enrollments' pages free on PostgreSQL (for claims updated in
+"""Migration 0011 keeps 40 % of the enrollments' pages free on PostgreSQL (for claims updated in
 place) and downgrade takes the setting away; on SQLite it changes nothing."""
 
 from __future__ import annotations
