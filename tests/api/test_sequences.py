@@ -621,6 +621,13 @@ BAD_CREATES = [
         "send_window.timezone",
     ),
     (
+        # A directory of the zone database: reading it raised IsADirectoryError, a 500.
+        _with(
+            "send_window", {"days": ["mon"], "start": "09:00", "end": "17:00", "timezone": "Europe"}
+        ),
+        "send_window.timezone",
+    ),
+    (
         _with(
             "send_window", {"days": ["funday"], "start": "09:00", "end": "17:00", "timezone": "UTC"}
         ),

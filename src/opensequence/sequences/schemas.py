@@ -121,7 +121,7 @@ class SendWindow(BaseModel):
             raise ValueError("not an IANA time zone name")
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
+        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # "Europe" is a directory
             raise ValueError(f"unknown IANA time zone {value[:64]!r}") from exc
         return value
 
