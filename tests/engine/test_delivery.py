@@ -726,6 +726,32 @@ async def test_skips_and_template_errors(
     assert (await enrollment(db, failed)).status == "failed"
 
 
+async def test_a_render_failing_on_one_contacts_data_fails_only_that_send(
+    db: Database, worker: Worker, sink: SinkServer, clock: ManualClock
+) -> None:
+    """``times`` takes the amount past the largest float and ``ceil`` of infinity raises
+    OverflowError inside Liquid. It used to leave the planning of the whole batch: every claim
+    was released, and the same batch, due first, was claimed and dropped again at every poll.
+    (PostgreSQL returns 1e200 from JSON as an int, SQLite as a float: both overflow here.)"""
+    org = await make_org(db)
+    people = [
+        {"email": "big@x.org", "custom_data": {"amount": 1.5, "rate": 1e200}},
+        {"email": "ok@x.org", "custom_data": {"amount": 1.5, "rate": 2}},
+    ]
+    contacts = await make_contacts(db, org, people)
+    due = "contact.custom_data.amount | times: contact.custom_data.rate"
+    body = f"<p>Due: {{{{ {due} | times: contact.custom_data.rate | ceil }}}}</p>"
+    sequence_id = await make_sequence(db, org, [email_step(body=body)], started_at=clock.now())
+    poisoned, fine = await enroll(db, org, sequence_id, contacts, now=clock.now())
+    await worker.drain()
+    await worker.transport.aclose()
+    assert [m["To"] for m in sink.sink.received] == ["ok@x.org"]
+    [row] = await messages_of(db, poisoned)
+    assert (row.status, row.reason) == ("failed", "template_error")
+    assert (await enrollment(db, poisoned)).status == "failed"
+    assert (await enrollment(db, fine)).status == "completed"
+
+
 async def test_a_subject_with_a_run_longer_than_a_line_is_delivered(
     db: Database, worker: Worker, sink: SinkServer, clock: ManualClock
 ) -> None:

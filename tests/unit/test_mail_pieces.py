@@ -69,6 +69,12 @@ def test_templates_that_loop_grow_or_escape_fail(template: str) -> None:
         render(template, {"contact": {"name": "x"}}, html=False)
 
 
+def test_what_python_raises_on_the_data_is_a_template_error() -> None:
+    context = {"contact": {"custom_data": {"amount": 1e307}}}
+    with pytest.raises(TemplateError, match="OverflowError"):
+        render("{{ contact.custom_data.amount | times: 100 | ceil }}", context, html=True)
+
+
 def test_rendering_is_plain_data_only() -> None:
     context = {"contact": {"name": "<i>Al</i>", "custom_data": {}}}
     assert render("{{ contact.name }}", context, html=True) == "&lt;i&gt;Al&lt;/i&gt;"

@@ -114,7 +114,10 @@ def render(source: str, context: dict[str, Any], *, html: bool) -> str:
         return str(template.render(**context))
     except LiquidError as exc:
         raise TemplateError(str(exc)) from exc
-    except (RecursionError, MemoryError, ValueError, TypeError) as exc:
+    except Exception as exc:
+        # What Python raises on the data inside Liquid's filters: RecursionError, MemoryError,
+        # ValueError, TypeError, OverflowError (``ceil`` of a float that ``times`` took past
+        # the largest finite one), ... Whatever it is, it belongs to this render alone.
         raise TemplateError(f"{type(exc).__name__}: {exc}") from exc
 
 
