@@ -8,7 +8,7 @@ import re
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from email.charset import QP, Charset
-from email.header import Header
+from email.header import Header, decode_header, make_header
 from email.message import EmailMessage
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
@@ -109,6 +109,27 @@ def test_message_has_both_parts_and_one_click_headers() -> None:
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
 
 
+def test_text_that_looks_encoded_reads_back_as_written() -> None:
+    """RFC 2047 readers decode ``=?charset?q?...?=`` in a subject, and in a display name even
+    inside quotes: such text from a contact's data would show as whatever it decodes to."""
+    looks = "=?utf-8?q?ACME_=E2=9C=94_paid?="
+    raw = build_message(
+        from_email="a@example.com",
+        sender_name=f"Billing {looks}",
+        to_email="b@example.org",
+        subject=f"Your invoice for {looks}",
+        html_body="<p>x</p>",
+        message_id="<4@example.com>",
+        date=datetime(2026, 1, 1, tzinfo=UTC),
+        unsubscribe_url=None,
+    )
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert message["Subject"] == f"Your invoice for {looks}"
+    assert message["From"].addresses[0].display_name == f"Billing {looks}"
+    compat = email.message_from_bytes(raw)
+    assert str(make_header(decode_header(compat["Subject"]))) == f"Your invoice for {looks}"
+
+
 def test_non_ascii_names_and_subjects_are_encoded() -> None:
     raw = build_message(
         from_email="a@example.com",
@@ -177,8 +198,9 @@ def _stdlib_message(
     message = MIMEMultipart("alternative", boundary=boundary)
     message["From"] = format_from(sender_name, from_email)
     message["To"] = to_email
-    message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8").encode()
-    if subject.isascii() and not _fits(message.as_bytes(policy=SMTP_POLICY), b"Subject"):
+    plain = subject.isascii() and "=?" not in subject
+    message["Subject"] = subject if plain else Header(subject, "utf-8").encode()
+    if plain and not _fits(message.as_bytes(policy=SMTP_POLICY), b"Subject"):
         del message["Subject"]
         message["Subject"] = Header(subject, "utf-8").encode()
     message["Date"] = format_datetime(date)
@@ -203,7 +225,9 @@ def _fits(raw: bytes, name: bytes) -> bool:
 
 _TEXT = st.lists(
     st.one_of(
-        st.sampled_from(["\r", "\n", "\r\n", " ", "\t", "=", ".", "From ", "<p>", "</p>", "é"]),
+        st.sampled_from(
+            ["\r", "\n", "\r\n", " ", "\t", "=", ".", "From ", "<p>", "</p>", "é", "=?", "?="]
+        ),
         st.text(st.characters(codec="utf-8"), max_size=20),
         st.text("ab", min_size=70, max_size=200),
     ),

@@ -191,18 +191,27 @@ def html_to_text(body: str) -> str:
     return _BLANK_LINES.sub("\n\n", text).strip() + "\n"
 
 
+def _reads_as_written(value: str) -> bool:
+    """Whether a header's text can go out as it is: ASCII, and no ``=?`` that a reader would
+    take for the start of an RFC 2047 encoded word and decode (a subject rendered with a
+    contact's ``=?utf-8?q?...?=`` would otherwise show whatever that decodes to)."""
+    return value.isascii() and "=?" not in value
+
+
 def _encoded(value: str) -> str:
-    """ASCII stays readable; anything else becomes an RFC 2047 encoded word."""
-    return value if value.isascii() else Header(value, "utf-8").encode()
+    """Text that reads as written stays readable; anything else becomes RFC 2047 encoded words,
+    which decode to exactly ``value``."""
+    return value if _reads_as_written(value) else Header(value, "utf-8").encode()
 
 
 def format_from(sender_name: str | None, from_email: str) -> str:
     """``"Sender Name" <from@example.com>`` (SPEC §3.2: the name always quoted); a name outside
-    ASCII is an RFC 2047 encoded word instead (quotes cannot carry it)."""
+    ASCII is an RFC 2047 encoded word instead (quotes cannot carry it), as is one holding
+    ``=?`` (readers decode encoded words inside quotes too)."""
     name = " ".join((sender_name or "").split())
     if not name:
         return from_email
-    if not name.isascii():
+    if not _reads_as_written(name):
         return f"{_encoded(name)} <{from_email}>"
     escaped = name.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}" <{from_email}>'
@@ -227,13 +236,13 @@ MAX_LINE = 998
 
 
 def _subject(subject: str) -> bytes:
-    """The Subject header. ASCII is written as is, folded at its spaces. Anything else is
-    written as RFC 2047 encoded words, which split anywhere and decode to the same text; so is
-    an ASCII subject that does not fold into lines of at most :data:`MAX_LINE` (a long link
-    rendered into it, say), or whose first word only fits on a line of its own (the fold
-    before it would add a space to the subject)."""
+    """The Subject header. ASCII without ``=?`` is written as is, folded at its spaces.
+    Anything else is written as RFC 2047 encoded words, which split anywhere and decode to the
+    same text; so is an ASCII subject that does not fold into lines of at most
+    :data:`MAX_LINE` (a long link rendered into it, say), or whose first word only fits on a
+    line of its own (the fold before it would add a space to the subject)."""
     value = " ".join(subject.splitlines())
-    if value.isascii():
+    if _reads_as_written(value):
         folded = _header("Subject", value)
         if len(folded) <= MAX_LINE + 2:
             return folded
