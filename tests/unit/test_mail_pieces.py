@@ -405,6 +405,22 @@ def test_link_targets_decode_references_as_attributes_do(href: str, target: str)
     assert html_to_text(f'<a href="{href}">l</a>') == f"l ({target})\n"
 
 
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        # HTML lets a page leave out </head>: <body>, or anything that cannot be in a head,
+        # ends it. The whole text part used to be dropped as part of the head.
+        ("<html><head><meta charset=utf-8><title>Offer</title><body><p>Hi Bob</p>", "Hi Bob\n"),
+        ("<head><style>p{}</style>Hello <b>there</b>", "Hello there\n"),
+        ("<head><link rel=x><div>Hi</div>", "Hi\n"),
+        ("<head><title>T<p>x</p>", "\n"),  # an unclosed title holds the rest, as in a browser
+        ("<head><title>T</title></head><body>x", "x\n"),
+    ],
+)
+def test_a_head_left_open_ends_where_a_browser_ends_it(body: str, text: str) -> None:
+    assert html_to_text(body) == text
+
+
 def test_html_to_text_drops_style_and_script() -> None:
     assert html_to_text("<style>p{}</style><script>x()</script><b>Hi</b>") == "Hi\n"
 

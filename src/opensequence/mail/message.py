@@ -96,6 +96,12 @@ _ATTRIBUTE = re.compile(r"""([^\s/>=][^\s/=>]*)(?:\s*=+\s*('[^']*'|"[^"]*"|(?!['
 # Script and style hold raw text up to their end tag.
 _RAW_END = {tag: re.compile(rf"</\s*{tag}\s*>", re.IGNORECASE) for tag in ("script", "style")}
 _SKIPPED = ("script", "style", "head", "title")
+# What may stand in a <head>. Anything else, or text that is not white space, ends the head
+# where its end tag was left out, as it does in a browser (HTML5: the "in head" insertion mode).
+_IN_HEAD = {
+    "base", "basefont", "bgsound", "link", "meta", "title", "noscript", "noframes", "style",
+    "script", "template", "head",
+}  # fmt: skip
 
 
 def _href(attributes: str) -> str | None:
@@ -134,14 +140,27 @@ def _text_parts(body: str) -> list[str]:
     """The text part's pieces, in one pass over ``body``."""
     parts: list[str] = []
     skip = 0
+    heads = 0  # open <head> elements, each counted in ``skip`` too
     href: str | None = None
 
+    def leave_head() -> None:
+        """Close a head left open before what cannot be in it (its title or a script still
+        open is another matter: their content is theirs)."""
+        nonlocal skip, heads
+        if heads and skip == heads:
+            skip -= heads
+            heads = 0
+
     def data(text: str) -> None:
+        if heads and not text.isspace():
+            leave_head()
         if not skip:
             parts.append(_SPACES.sub(" ", text))
 
     def end_tag(tag: str) -> None:
-        nonlocal skip, href
+        nonlocal skip, heads, href
+        if tag == "head":
+            heads = max(0, heads - 1)
         if tag in _SKIPPED:
             skip = max(0, skip - 1)
         elif tag in _BLOCK:
@@ -164,6 +183,10 @@ def _text_parts(body: str) -> list[str]:
             if not closer:  # no ">" before the end of the body
                 break
             tag = start.lower()
+            if heads and tag not in _IN_HEAD:
+                leave_head()
+            if tag == "head":
+                heads += 1
             if tag in _SKIPPED:
                 skip += 1
             elif tag in _BLOCK:
