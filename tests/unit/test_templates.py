@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from liquid.exceptions import LiquidError
 
+from opensequence.mail import templates
 from opensequence.mail.render import SLOW_TEMPLATE_CHARS, TemplateError, may_be_slow, render
 from opensequence.mail.templates import (
     MAX_UNCLOSED_OPENERS,
@@ -115,6 +118,9 @@ def test_substitution_plans_render_exactly_as_liquid(
         ("{% liquid\n  assign n = 3\n  for i in (1..n)\n    echo i\n  endfor\n%}", True),
         ("<p>" + "x" * SLOW_TEMPLATE_CHARS + "</p>", True),
         ("<p>" + "x" * (SLOW_TEMPLATE_CHARS - 8) + "</p>", False),
+        ("{{ (1..5) | join }}", True),
+        ("{% assign r = (1..n) %}{{ r | size }}", True),
+        ("<p>(see the list...)</p> {{ contact.name }}", False),  # a range only inside markup
     ],
 )
 def test_templates_that_may_render_slowly_are_told_apart(source: str, slow: bool) -> None:
@@ -149,3 +155,37 @@ def test_up_to_the_limit_unclosed_openers_get_liquids_own_answer() -> None:
         compile_template("{{ a }}" + "{{" * MAX_UNCLOSED_OPENERS)
     literal = "{% raw %}" + "{{ " * MAX_UNCLOSED_OPENERS + "{% endraw %}"
     assert compile_template(literal).render() == "{{ " * MAX_UNCLOSED_OPENERS
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        # Liquid bounds each loop; all loops of a render together are bounded too (6,900 such
+        # sibling loops fit in a template: ~17 minutes of CPU).
+        ("{% for i in (1..60000) %}{% endfor %}" * 2, "more than 100,000 loop iterations in all"),
+        # A range outside a loop was not bounded at all (10**12 would take the memory).
+        ("{{ (1..100001) | join | size }}", "a range of 100,001 items (at most 100,000)"),
+        ("{% assign r = (0..n) %}{{ r | size }}", "a range of 1,000,000,000,001 items"),
+    ],
+)
+def test_a_render_is_bounded_as_a_whole(source: str, message: str) -> None:
+    with pytest.raises(TemplateError, match=re.escape(message)):
+        render(source, {"n": 10**12}, html=False)
+
+
+def test_the_largest_loop_and_range_still_render() -> None:
+    assert render("{% for i in (1..100000) %}{% endfor %}ok", {}, html=False) == "ok"
+    assert render("{{ (1..100000) | size }}", {}, html=False) == "100000"
+
+
+def test_a_render_stops_when_its_cpu_budget_runs_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A condition costs time without writing or assigning anything: here each of 100,000
+    iterations scans a list of 100,000 items (~10**10 steps, hours). The budget is spent as each
+    node renders, so the render stops once its CPU time is used up."""
+    monkeypatch.setattr(templates, "RENDER_CPU_SECONDS", 0.2)
+    source = (
+        '{% assign l = (1..100000) | join: "," | split: "," %}'
+        '{% for i in (1..100000) %}{% if l contains "x" %}y{% endif %}{% endfor %}'
+    )
+    with pytest.raises(TemplateError, match=re.escape("rendering took more than 0.2 s of CPU")):
+        render(source, {}, html=False)

@@ -125,15 +125,22 @@ def render(source: str, context: dict[str, Any], *, html: bool) -> str:
 # may run 100,000 iterations and output may reach 4 MiB): see :func:`may_be_slow`.
 SLOW_TEMPLATE_CHARS = 16 * 1024
 _TAG = re.compile(r"{%(.*?)%}", re.DOTALL)
+_OUTPUT = re.compile(r"{{(.*?)}}", re.DOTALL)
 _LOOP = re.compile(r"\b(?:for|tablerow)\b")
+_RANGE = re.compile(r"\([^()]*\.\.")
 
 
 def may_be_slow(source: str) -> bool:
     """Whether rendering ``source`` may take long: it has :data:`SLOW_TEMPLATE_CHARS`
-    characters or more, or a ``for`` or ``tablerow`` loop (looked for inside every ``{% %}``,
-    the lines of a ``liquid`` tag included). A caller that shares its event loop renders such
-    a template on another thread. A false alarm (the word in a comment) only costs that hop.
-    One pass over ``source``: callers ask once per template and batch, not per message."""
+    characters or more, or a ``for`` or ``tablerow`` loop or a range ``(a..b)`` inside a
+    ``{% %}`` (the lines of a ``liquid`` tag included), or a range inside a ``{{ }}``. (Ranges
+    of up to 100,000 items, joined in output after output, keep a render going until its CPU
+    budget runs out: :data:`~opensequence.mail.templates.RENDER_CPU_SECONDS`.) A caller that
+    shares its event loop renders such a template on another thread. A false alarm (the word
+    in a comment) only costs that hop. A few passes over ``source``: callers ask once per
+    template and batch, not per message."""
     if len(source) >= SLOW_TEMPLATE_CHARS:
         return True
-    return any(_LOOP.search(tag) for tag in _TAG.findall(source))
+    if any(_LOOP.search(tag) or _RANGE.search(tag) for tag in _TAG.findall(source)):
+        return True
+    return any(_RANGE.search(output) for output in _OUTPUT.findall(source))

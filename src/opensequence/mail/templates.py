@@ -3,25 +3,118 @@
 Templates are parsed when a sequence is created or updated, so a syntax error is a 400 naming
 the step, the field and the line, never a failed send days later. The delivery engine renders
 with this same environment, whose limits bound what a template may cost: no loader (``include``
-and ``render`` find no files), capped loop iterations, local namespace and output size.
+and ``render`` find no files), capped loop iterations (per loop and per render), range sizes,
+local namespace, output size and CPU time per render.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections import deque
 from functools import cache
+from typing import Any
 
-from liquid import BoundTemplate, Environment
-from liquid.exceptions import LiquidError
+from liquid import BoundTemplate, Environment, RenderContext
+from liquid.builtin.expressions.primitive import RangeLiteral
+from liquid.exceptions import LiquidError, LoopIterationLimitError, ResourceLimitError
+
+# What one render may cost, beyond Liquid's own limits on one loop, the local namespace and the
+# output. Liquid bounds each loop (and loops nested in it), not their sum: a 256 KiB template
+# holds ~6,900 sibling loops of 100,000 empty iterations, ~17 minutes of CPU per render. And a
+# range outside a loop is not bounded at all: ``{{ (1..2000000) | join }}`` built 15 MB in 3 s,
+# and a bound of 10**12 would take the worker's memory.
+LOOP_ITERATIONS = 100_000  # per loop, and for all loops of a render together
+MAX_RANGE = LOOP_ITERATIONS  # items of a range literal, ``(1..n)``
+RENDER_CPU_SECONDS = 2.0  # of the rendering thread, checked as nodes render
+_CHECK_EVERY = 8  # nodes between reads of the thread's CPU clock (~0.75 us each)
+
+
+class _Budget:
+    """One render's allowance: loop iterations across all its loops, and CPU time."""
+
+    __slots__ = ("countdown", "deadline", "iterations")
+
+    def __init__(self) -> None:
+        self.iterations = 0
+        self.countdown = _CHECK_EVERY
+        self.deadline = time.thread_time() + RENDER_CPU_SECONDS
+
+    def loop(self, iterations: int) -> None:
+        self.iterations += iterations
+        if self.iterations > LOOP_ITERATIONS:
+            raise LoopIterationLimitError(
+                f"more than {LOOP_ITERATIONS:,} loop iterations in all", token=None
+            )
+
+    def step(self) -> None:
+        self.countdown -= 1
+        if not self.countdown:
+            self.countdown = _CHECK_EVERY
+            if time.thread_time() > self.deadline:
+                raise ResourceLimitError(
+                    f"rendering took more than {RENDER_CPU_SECONDS:g} s of CPU", token=None
+                )
+
+
+class _Context(RenderContext):
+    """A render context that spends one budget (its parent's, for a copy) as the render goes:
+    the iterations of every loop, and a step for every node rendered."""
+
+    __slots__ = ("_disabled", "budget")
+    _disabled: list[str]
+    budget: _Budget
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        parent = kwargs.get("parent_context")
+        self.budget = parent.budget if isinstance(parent, _Context) else _Budget()
+        super().__init__(*args, **kwargs)
+
+    # Liquid reads a context's ``disabled_tags`` as it renders each node (an output, a tag, each
+    # node of a loop's body at each iteration, the taken branch of an ``if``): the one call made
+    # for every piece of work, and so where the CPU budget is checked. An expensive condition
+    # in a loop, say, writes nothing and assigns nothing.
+    @property
+    def disabled_tags(self) -> list[str]:
+        self.budget.step()
+        return self._disabled
+
+    @disabled_tags.setter
+    def disabled_tags(self, value: list[str]) -> None:
+        self._disabled = value
+
+    def raise_for_loop_limit(self, length: int = 1) -> None:
+        super().raise_for_loop_limit(length)
+        self.budget.loop(length)
+
+
+class _Template(BoundTemplate):
+    context_class = _Context
 
 
 class TemplateEnvironment(Environment):
     """Sandboxed by Liquid's design (no attribute access beyond the data given); bounded here."""
 
-    loop_iteration_limit = 100_000
+    loop_iteration_limit = LOOP_ITERATIONS
     local_namespace_limit = 1_000_000
     output_stream_limit = 4 * 1024 * 1024
+    template_class = _Template
+
+
+def _bounded_range(self: RangeLiteral, start: Any, stop: Any) -> range:
+    made = _liquid_range(self, start, stop)
+    if len(made) > MAX_RANGE:
+        raise LoopIterationLimitError(
+            f"a range of {len(made):,} items (at most {MAX_RANGE:,})", token=None
+        )
+    return made
+
+
+# Liquid offers no hook for range literals: the parser builds RangeLiteral itself. Its one
+# constructor of ranges is wrapped here, for every Liquid template of the process (they are all
+# this module's). Should a release of python-liquid rename it, import fails here, loudly.
+_liquid_range = RangeLiteral._make_range
+RangeLiteral._make_range = _bounded_range  # type: ignore[method-assign]
 
 
 class TemplateSyntaxError(ValueError):
