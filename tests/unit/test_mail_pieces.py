@@ -302,6 +302,8 @@ class _TextExtractor(HTMLParser):
             self.parts.append("\n")
         if tag == "li":
             self.parts.append("- ")
+        elif tag in ("td", "th"):
+            self.parts.append(" ")
         if tag == "a":
             self._href = dict(attrs).get("href")
 
@@ -419,6 +421,11 @@ def test_link_targets_decode_references_as_attributes_do(href: str, target: str)
 )
 def test_a_head_left_open_ends_where_a_browser_ends_it(body: str, text: str) -> None:
     assert html_to_text(body) == text
+
+
+def test_table_cells_stay_apart() -> None:
+    body = "<table><tr><th>Plan</th><th>Price</th></tr><tr><td>Pro</td><td>$9</td></tr></table>"
+    assert html_to_text(body) == "Plan Price\n\nPro $9\n"
 
 
 def test_html_to_text_drops_style_and_script() -> None:

@@ -96,6 +96,8 @@ _ATTRIBUTE = re.compile(r"""([^\s/>=][^\s/=>]*)(?:\s*=+\s*('[^']*'|"[^"]*"|(?!['
 # Script and style hold raw text up to their end tag.
 _RAW_END = {tag: re.compile(rf"</\s*{tag}\s*>", re.IGNORECASE) for tag in ("script", "style")}
 _SKIPPED = ("script", "style", "head", "title")
+# A table's cells on one line, apart: "Name Bob", not "NameBob" (email layouts are tables).
+_CELLS = ("td", "th")
 # What may stand in a <head>. Anything else, or text that is not white space, ends the head
 # where its end tag was left out, as it does in a browser (HTML5: the "in head" insertion mode).
 _IN_HEAD = {
@@ -193,6 +195,8 @@ def _text_parts(body: str) -> list[str]:
                 parts.append("\n")
             if tag == "li":
                 parts.append("- ")
+            elif tag in _CELLS:
+                parts.append(" ")
             if tag == "a":
                 href = _href(attributes)
             if attributes.rstrip().endswith("/"):
