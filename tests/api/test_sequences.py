@@ -620,6 +620,9 @@ BAD_CREATES = [
         ),
         "send_window.timezone",
     ),
+    # Past a century, a delay reached beyond the last datetime: starting or adding contacts
+    # answered 500, and the worker crashed after sending the step before it.
+    ({"steps": [step(), step(delay=1e10)]}, "steps[1].delay_in_minutes"),
     (
         # A directory of the zone database: reading it raised IsADirectoryError, a 500.
         _with(

@@ -752,6 +752,29 @@ async def test_a_render_failing_on_one_contacts_data_fails_only_that_send(
     assert (await enrollment(db, fine)).status == "completed"
 
 
+async def test_a_delay_beyond_the_last_datetime_waits_for_ever_and_sends_nothing_twice(
+    db: Database, worker: Worker, sink: SinkServer, clock: ManualClock
+) -> None:
+    """A delay stored before delays were bounded (the API now refuses more than a century):
+    computing the next step's time raised OverflowError after the send, which was never
+    recorded and went out again each time its lease ran out."""
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": "far@x.org"}])
+    steps = [email_step(), email_step(delay=1e308)]
+    sequence_id = await make_sequence(db, org, steps, started_at=clock.now())
+    [enrollment_id] = await enroll(db, org, sequence_id, contacts, now=clock.now())
+    await worker.drain()
+    clock.advance(seconds=worker.lease.total_seconds() + 1)
+    await worker.drain()
+    await worker.transport.aclose()
+    assert [m["To"] for m in sink.sink.received] == ["far@x.org"]
+    [row] = await messages_of(db, enrollment_id)
+    assert row.status == "sent"
+    waiting = await enrollment(db, enrollment_id)
+    assert (waiting.status, waiting.current_step) == ("active", 1)
+    assert waiting.next_step_at is not None and waiting.next_step_at.year == 9999
+
+
 async def test_a_subject_with_a_run_longer_than_a_line_is_delivered(
     db: Database, worker: Worker, sink: SinkServer, clock: ManualClock
 ) -> None:

@@ -52,7 +52,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opensequence.clock import Clock, SystemClock
+from opensequence.clock import Clock, SystemClock, minutes_after
 from opensequence.config import Settings
 from opensequence.db import Database
 from opensequence.db.types import new_id
@@ -947,7 +947,7 @@ def _advanced(item: repo.Claimed, next_delay: float | None, now: datetime) -> di
         **_base(item),
         "b_status": "active",
         "b_step": item.current_step + 1,
-        "b_next_at": now + timedelta(minutes=next_delay),
+        "b_next_at": minutes_after(now, next_delay),
         "b_waiting": None,
         "b_attempts": 0,
     }

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from opensequence.clock import minutes_after
 from opensequence.contacts.service import resolve_contacts
 from opensequence.errors import Conflict, NotFound
 from opensequence.filters import ContactFacts, explain, parse_filter, referenced_sequence_ids
@@ -168,7 +169,7 @@ async def _process(
         sequence_id=sequence.id,
         run_id=progress.run_id,
         contact_ids=eligible,
-        due_at=now + timedelta(minutes=delay),
+        due_at=minutes_after(now, delay),
         now=now,
     )
     for contact_id in eligible:

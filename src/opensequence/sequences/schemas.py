@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from opensequence.clock import MAX_DELAY_MINUTES
 from opensequence.filters import CompositeFilter
 from opensequence.validation import (
     MAX_STEPS,
@@ -76,7 +77,7 @@ class SequenceStepInput(BaseModel):
     model_config = ConfigDict(regex_engine="python-re")
 
     action: Action
-    delay_in_minutes: float = Field(default=0, ge=0)
+    delay_in_minutes: float = Field(default=0, ge=0, le=MAX_DELAY_MINUTES)
 
     @field_validator("delay_in_minutes")
     @classmethod

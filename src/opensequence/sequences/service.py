@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from opensequence.clock import minutes_after
 from opensequence.db.types import iso, new_id
 from opensequence.errors import Conflict, Invalid, NotFound
 from opensequence.filters import CompositeFilter, all_contacts_output, parse_filter
@@ -245,7 +246,7 @@ async def start_sequence(session: AsyncSession, org_id: uuid.UUID, ref: str, now
         run_id=run.id,
         contact_filter=contact_filter,
         now=now,
-        next_step_at=now + timedelta(minutes=steps[0].delay_in_minutes),
+        next_step_at=minutes_after(now, steps[0].delay_in_minutes),
     )
     run.total = added
     run.counts = {**empty_counts(), "added": added}
