@@ -17,6 +17,7 @@ from fastapi import Query
 from pydantic import BaseModel
 
 from opensequence.errors import Invalid
+from opensequence.validation import has_lone_surrogate
 
 T = TypeVar("T")
 
@@ -65,15 +66,19 @@ def position_uuid(position: dict[str, Any], key: str) -> uuid.UUID:
 
 
 def position_int(position: dict[str, Any], key: str) -> int:
+    """An integer a database column holds (64 bits, signed): a larger one made the driver raise,
+    a 500."""
     value = position.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not isinstance(value, int) or isinstance(value, bool) or not -(2**63) <= value < 2**63:
         raise Invalid(BAD_CURSOR)
     return value
 
 
 def position_str(position: dict[str, Any], key: str) -> str:
+    """Text a database can compare: no lone surrogate (JSON's ``"\\ud800"``, which no UTF-8
+    encodes: a 500) and no NUL."""
     value = position.get(key)
-    if not isinstance(value, str):
+    if not isinstance(value, str) or "\x00" in value or has_lone_surrogate(value):
         raise Invalid(BAD_CURSOR)
     return value
 

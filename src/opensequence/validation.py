@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
@@ -37,6 +38,17 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # A lone surrogate: JSON's "\ud800" escape decodes to one, and neither UTF-8 nor PostgreSQL can
 # store it (a phone number carrying one answered 500).
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utc_moment(value: datetime) -> datetime:
+    """``value`` in UTC (no offset reads as UTC). ValueError when it has no UTC reading inside
+    a datetime's range (``0001-01-01T00:00:00+14:00`` is before year 1 in UTC)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError("date-time out of range") from exc
 
 
 def has_lone_surrogate(value: str) -> bool:

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from opensequence.models import Contact, Enrollment, Run, RunItemPage
+from opensequence.pagination import encode_cursor
 from opensequence.validation import SEED_EMAIL_PATTERN, SEED_ID_PATTERN
 from tests.helpers import STEP, Tenant, assert_error
 
@@ -368,6 +369,10 @@ async def test_run_endpoints_are_tenant_scoped_and_validate(
     assert_error(await tenant.client.get(url, params={"outcome": "exploded"}), 400, "outcome")
     assert_error(await tenant.client.get(url, params={"limit": 0}), 400, "limit")
     assert_error(await tenant.client.get(url, params={"cursor": "garbage!"}), 400, "cursor")
+    # Past a 64-bit integer: the driver raised, a 500.
+    for index in (2**63, -(2**63) - 1, 10**30):
+        forged = encode_cursor({"i": index})
+        assert_error(await tenant.client.get(url, params={"cursor": forged}), 400, "cursor")
 
 
 async def test_openapi_carries_the_seed_operation(anonymous: httpx.AsyncClient) -> None:

@@ -145,6 +145,11 @@ async def test_list_pagination_and_filters(tenant: Tenant, other_tenant: Tenant)
         == 8
     )
     assert_error(await tenant.client.get("/contacts", params={"cursor": "garbage!"}), 400, "cursor")
+    # Before year 1 once read in UTC: the conversion overflowed, a 500.
+    for name in ("created_after", "created_before", "updated_after", "updated_before"):
+        for moment in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"):
+            response = await tenant.client.get("/contacts", params={name: moment})
+            assert_error(response, 400, name)
     assert_error(await tenant.client.get("/contacts", params={"limit": 0}), 400, "limit")
     assert_error(await tenant.client.get("/contacts", params={"limit": 1001}), 400, "limit")
     assert_error(

@@ -14,6 +14,7 @@ from opensequence.db import Database
 from opensequence.engine.worker import Worker
 from opensequence.mail.transports import transport_from_url
 from opensequence.models import Enrollment
+from opensequence.pagination import encode_cursor
 from tests.engine.factories import email_step, enroll, make_contacts, make_sequence
 from tests.helpers import Tenant, assert_error, make_tenant
 
@@ -146,6 +147,17 @@ async def test_contact_messages_newest_first(
     assert [m["step_index"] for m in rest.json()["items"]] == [0]
     assert rest.json()["next"] is None
 
+    # Cursors we never issued: a moment before year 1 in UTC overflowed, a 500.
+    for position in (
+        {"c": "0001-01-01T00:00:00+14:00", "id": item["id"]},
+        {"c": "2026-05-01T08:02:00", "id": item["id"]},
+        {"c": "soon", "id": item["id"]},
+    ):
+        forged = encode_cursor(position)
+        response = await tenant.client.get(
+            f"/contacts/{contact}/messages", params={"cursor": forged}
+        )
+        assert_error(response, 400, "cursor")
     assert_error(await other_tenant.client.get(f"/contacts/{contact}/messages"), 404)
     assert_error(await tenant.client.get("/contacts/not-a-uuid/messages"), 404)
     sequences_only = await make_tenant(app, "acme", ["sequences:read"])

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from pydantic import AfterValidator
 
 from opensequence.api.deps import ClockDep, DbDep, require
 from opensequence.api.openapi import error_responses
@@ -20,12 +21,14 @@ from opensequence.contacts.schemas import (
     UpdateContactInput,
 )
 from opensequence.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, Page
-from opensequence.validation import MAX_EMAIL, MAX_PHONE, CleanText
+from opensequence.validation import MAX_EMAIL, MAX_PHONE, CleanText, utc_moment
 
 router = APIRouter(prefix="/contacts", tags=["Contacts"])
 
 TimeQuery = Annotated[
-    datetime | None, Query(description="ISO 8601 date-time (UTC when no offset is given).")
+    datetime | None,
+    AfterValidator(lambda value: None if value is None else utc_moment(value)),
+    Query(description="ISO 8601 date-time (UTC when no offset is given)."),
 ]
 
 

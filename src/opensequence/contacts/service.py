@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
@@ -379,13 +379,6 @@ async def delete_contact(
     return contact_id
 
 
-def _as_utc(value: datetime | None) -> datetime | None:
-    """Query timestamps without an offset are read as UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
-
-
 async def list_contacts(
     session: AsyncSession,
     org_id: uuid.UUID,
@@ -400,7 +393,8 @@ async def list_contacts(
     phone_number: str | None = None,
 ) -> tuple[list[Contact], str | None]:
     """One page ordered by id, and the cursor of the next page (None at the end). The cursor
-    holds the last id shown, so rows inserted during a walk never shift it."""
+    holds the last id shown, so rows inserted during a walk never shift it. Time bounds are in
+    UTC (the router reads one without an offset as UTC)."""
     phone_key = normalize_phone(phone_number) if phone_number is not None else None
     if phone_number is not None and phone_key is None:
         return [], None  # a blank phone identifies nobody
@@ -409,10 +403,10 @@ async def list_contacts(
     query = repository.list_query(
         org_id,
         after_id=after_id,
-        created_after=_as_utc(created_after),
-        created_before=_as_utc(created_before),
-        updated_after=_as_utc(updated_after),
-        updated_before=_as_utc(updated_before),
+        created_after=created_after,
+        created_before=created_before,
+        updated_after=updated_after,
+        updated_before=updated_before,
         email_normalized=normalize_email(email) if email is not None else None,
         phone_number=phone_key,
         limit=limit + 1,

@@ -14,6 +14,7 @@ from opensequence.enrollments.schemas import EnrollmentOut, MessageOut
 from opensequence.errors import Invalid
 from opensequence.pagination import BAD_CURSOR, Page, decode_cursor, encode_cursor, position_uuid
 from opensequence.sequences.lookup import get_sequence
+from opensequence.validation import utc_moment
 
 
 async def list_enrollments(
@@ -60,10 +61,11 @@ async def list_messages(
     if position is not None:
         try:
             created_at = datetime.fromisoformat(str(position["c"]).replace("Z", "+00:00"))
+            if created_at.tzinfo is None:
+                raise ValueError("no offset")
+            created_at = utc_moment(created_at)
         except (KeyError, ValueError) as exc:
             raise Invalid(BAD_CURSOR) from exc
-        if created_at.tzinfo is None:
-            raise Invalid(BAD_CURSOR)
         before = (created_at, position_uuid(position, "id"))
     rows = await repository.list_messages(
         session, org_id, contact.id, before=before, limit=limit + 1

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from opensequence.errors import Invalid
-from opensequence.validation import CleanText
+from opensequence.validation import CleanText, utc_moment
 
 
 class AllContacts(BaseModel):
@@ -35,14 +35,7 @@ class ContactsCreatedAtBetween(BaseModel):
     @field_validator("after", "before")
     @classmethod
     def _to_utc(cls, value: datetime | None) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        try:
-            return value.astimezone(UTC)
-        except OverflowError as exc:
-            raise ValueError("date-time out of range") from exc
+        return None if value is None else utc_moment(value)
 
     @field_serializer("after", "before")
     def _iso(self, value: datetime | None) -> str | None:
