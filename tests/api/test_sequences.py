@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 
 from opensequence.db import Database
 from opensequence.db.types import new_id
@@ -426,6 +426,44 @@ async def test_start_enrolls_matching_contacts_as_one_run(
     assert await count(db, Run) == 1
 
 
+async def test_the_largest_filter_starts_on_both_databases(tenant: Tenant, db: Database) -> None:
+    """100 groups of 100 filters, 10,000 listed ids and domains: one SQL condition that SQLite
+    nests under its depth limit and PostgreSQL binds under its parameter limit."""
+    ids = await add_contacts(db, tenant.org_id, [("a@match.io", EXAMPLE_INSTANT)])
+    listed = [str(uuid.uuid4()) for _ in range(99)] + [str(ids[0])]
+    since = {"type": "contacts_created_at_between", "after": "2000-01-01T00:00:00Z", "before": None}
+    groups = [
+        {"and": [{"type": "contact_id_in", "contact_ids": listed}] + [since] * 99}
+        for _ in range(99)
+    ]
+    domains = [f"d{i}.io" for i in range(99)] + ["match.io"]
+    groups.append({"and": [{"type": "contacts_email_domain_name_in", "domain_name_in": domains}]})
+    sequence_id = await create(
+        tenant, {"is_continuous": False, "steps": [step()], "filter": {"or": groups}}
+    )
+    response = await tenant.client.put(f"/sequences/{sequence_id}/start")
+    assert response.status_code == 200, response.text
+    assert [r.contact_id for r in await enrollments(db, sequence_id)] == ids
+
+
+async def test_a_stored_filter_over_the_limits_is_a_conflict(tenant: Tenant, db: Database) -> None:
+    """A filter saved before the limits on groups existed: starting or adding contacts says
+    what to change, where it was a 500 (pydantic's error escaping the service)."""
+    too_many = {"or": [{"and": [{"type": "all_contacts"}]}] * 101}
+    one_off = await create(tenant, {"is_continuous": False, "steps": [step()]})
+    continuous = await create(tenant, {"is_continuous": True, "steps": [step()]})
+    async with db.transaction() as session:
+        await session.execute(update(Sequence).values(filter=too_many))
+    message = "the sequence's filter is over the limits (or: List should have at most 100"
+    assert_error(await tenant.client.put(f"/sequences/{one_off}/start"), 409, message)
+    added = await tenant.client.post(
+        f"/sequences/{continuous}/contacts", json={"contacts": [{"email": "a@example.com"}]}
+    )
+    assert_error(added, 409, message)
+    assert await count(db, Run) == 0
+    assert await count(db, Contact) == 0
+
+
 async def test_start_rejects_continuous_and_canceled(tenant: Tenant, db: Database) -> None:
     continuous = await create(tenant, {"steps": [step()]})
     assert_error(await tenant.client.put(f"/sequences/{continuous}/start"), 409)
@@ -590,6 +628,28 @@ BAD_CREATES = [
     (_with("steps.0.action.data", {}), "from_email"),
     (_with("is_continuous", "maybe"), "is_continuous"),
     (_with("filter", {"or": []}), "filter"),
+    # Past what one SQL condition holds: 1,000 groups were accepted, then the start was a 500.
+    (_with("filter", {"or": [{"and": [{"type": "all_contacts"}]}] * 101}), "filter.or:"),
+    (_with("filter", {"or": [{"and": [{"type": "all_contacts"}] * 101}]}), "filter.or[0].and"),
+    (
+        _with(
+            "filter",
+            {
+                "or": [
+                    {"and": [{"type": "contact_id_in", "contact_ids": [str(uuid.uuid4())] * 5001}]},
+                    {
+                        "and": [
+                            {
+                                "type": "contacts_email_domain_name_in",
+                                "domain_name_in": ["x.io"] * 5000,
+                            }
+                        ]
+                    },
+                ]
+            },
+        ),
+        "10,001 contact ids and domain names in all; at most 10,000",
+    ),
     (
         _with("filter", {"or": [{"and": [{"type": "contact_id_in", "contact_ids": ["x"]}]}]}),
         "filter",

@@ -17,6 +17,7 @@ from opensequence.filters.schema import (
     ContactsEmailDomainNameIn,
     all_contacts_output,
     parse_filter,
+    stored_filter,
 )
 from opensequence.filters.sql import compile_filter
 
@@ -37,4 +38,5 @@ __all__ = [
     "matches",
     "parse_filter",
     "referenced_sequence_ids",
+    "stored_filter",
 ]

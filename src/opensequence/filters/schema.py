@@ -12,9 +12,17 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
-from opensequence.errors import Invalid
+from opensequence.errors import Conflict, Invalid
 from opensequence.validation import CleanText, utc_moment
 
 
@@ -65,13 +73,22 @@ ContactFilter = Annotated[
 ]
 
 
+# A filter becomes one SQL condition when a sequence starts: its groups and filters nest in the
+# statement, and its lists become bound parameters. SQLite refuses an expression nested more
+# than 1,000 deep (1,000 "or" groups were accepted, then failed the start with a 500) and
+# PostgreSQL more than 65,535 parameters in a statement.
+MAX_GROUPS = 100
+MAX_GROUP_FILTERS = 100
+MAX_LISTED = 10_000  # contact ids and domain names in all of a filter's lists together
+
+
 class AndGroup(BaseModel):
     """Every filter must match. An empty group matches every contact (vacuous truth, the same
     reading as ``all()`` of nothing); OpenCX's schema allows it, so we accept and document it."""
 
     model_config = ConfigDict(populate_by_name=True)
 
-    and_: list[ContactFilter] = Field(alias="and")
+    and_: list[ContactFilter] = Field(alias="and", max_length=MAX_GROUP_FILTERS)
 
 
 class CompositeFilter(BaseModel):
@@ -79,7 +96,24 @@ class CompositeFilter(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True, title="ContactsCompositeFilter")
 
-    or_: list[AndGroup] = Field(alias="or", min_length=1)
+    or_: list[AndGroup] = Field(alias="or", min_length=1, max_length=MAX_GROUPS)
+
+    @model_validator(mode="after")
+    def _listed(self) -> CompositeFilter:
+        listed = sum(
+            len(item.contact_ids)
+            if isinstance(item, ContactIdIn)
+            else len(item.domain_name_in)
+            if isinstance(item, ContactsEmailDomainNameIn)
+            else 0
+            for group in self.or_
+            for item in group.and_
+        )
+        if listed > MAX_LISTED:
+            raise ValueError(
+                f"{listed:,} contact ids and domain names in all; at most {MAX_LISTED:,}"
+            )
+        return self
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON form (aliases, lower-case UUIDs, ``Z`` date-times) stored and returned."""
@@ -102,3 +136,17 @@ def parse_filter(raw: dict[str, Any] | None) -> CompositeFilter | None:
     if not isinstance(raw, dict):
         raise Invalid("filter: must be an object or null")
     return CompositeFilter.model_validate(raw)
+
+
+def stored_filter(raw: dict[str, Any] | None) -> CompositeFilter | None:
+    """A sequence's filter as stored. One saved before the limits above (more groups, filters
+    or listed values than they allow) is a 409 asking for a smaller one, rather than a 500."""
+    try:
+        return parse_filter(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise Conflict(
+            f"the sequence's filter is over the limits ({where}: {first['msg']}); "
+            "PATCH it to a smaller one"
+        ) from exc

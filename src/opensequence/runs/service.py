@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from opensequence.clock import minutes_after
 from opensequence.contacts.service import resolve_contacts
 from opensequence.errors import Conflict, NotFound
-from opensequence.filters import ContactFacts, explain, parse_filter, referenced_sequence_ids
+from opensequence.filters import ContactFacts, explain, referenced_sequence_ids, stored_filter
 from opensequence.models import Run, Sequence
 from opensequence.models.run import OUTCOMES
 from opensequence.pagination import decode_cursor, encode_cursor, position_int
@@ -138,7 +138,7 @@ async def _process(
             candidates.append(contact_id)
     progress.seen.update(candidates)
 
-    composite = parse_filter(sequence.filter)
+    composite = stored_filter(sequence.filter)
     eligible = candidates
     if composite is not None:
         facts = await repo.contact_facts(session, org_id, candidates)

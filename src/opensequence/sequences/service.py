@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from opensequence.clock import minutes_after
 from opensequence.db.types import iso, new_id
 from opensequence.errors import Conflict, Invalid, NotFound
-from opensequence.filters import CompositeFilter, all_contacts_output, parse_filter
+from opensequence.filters import CompositeFilter, all_contacts_output, stored_filter
 from opensequence.mail.templates import TemplateSyntaxError, compile_template
 from opensequence.models import Run, Sequence, SequenceStep
 from opensequence.models.run import OUTCOMES
@@ -228,7 +228,7 @@ async def start_sequence(session: AsyncSession, org_id: uuid.UUID, ref: str, now
     steps = (await repository.load_steps(session, [sequence.id]))[sequence.id]
     if not steps:
         raise Conflict("sequence has no steps")
-    contact_filter = parse_filter(sequence.filter)
+    contact_filter = stored_filter(sequence.filter)
     run = Run(
         id=new_id(),
         org_id=org_id,
