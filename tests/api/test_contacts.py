@@ -211,6 +211,23 @@ async def test_walk_is_stable_while_contacts_are_inserted(db: Database, tenant: 
     assert seen == sorted(seen, key=uuid.UUID)
 
 
+async def test_merging_keeps_custom_data_within_its_limit(tenant: Tenant) -> None:
+    """100 keys, then 100 new ones by PATCH or by a POST matching the contact, made a contact
+    of 200. The limit holds for the merged result; removing keys in the same change counts."""
+    full = {f"k{i}": i for i in range(100)}
+    contact_id = await create(tenant, email="full@example.com", custom_data=full)
+    more = {"contact": {"custom_data": {"extra": 1}}}
+    message = "contact.custom_data: at most 100 keys; merged into the contact's 100 it would"
+    assert_error(await tenant.client.patch(f"/contacts/{contact_id}", json=more), 400, message)
+    again = {"contact": {"email": "FULL@example.com", "custom_data": {"extra": 1}}}
+    assert_error(await tenant.client.post("/contacts", json=again), 400, message)
+    assert (await tenant.client.get(f"/contacts/{contact_id}")).json()["custom_data"] == full
+    swap = {"contact": {"custom_data": {"k0": None, "extra": 1}}}
+    response = await tenant.client.patch(f"/contacts/{contact_id}", json=swap)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["custom_data"]) == 100
+
+
 async def test_patch_merges_and_conflicts(tenant: Tenant, db: Database) -> None:
     contact_id = await create(
         tenant, email="m@example.com", name="M", custom_data={"a": "1", "b": 2, "keep": True}

@@ -17,10 +17,11 @@ from opensequence.contacts.lookup import get_contact
 from opensequence.contacts.repository import NewContact
 from opensequence.contacts.schemas import ContactInput, ContactOut
 from opensequence.db.types import iso, new_id, new_ids
-from opensequence.errors import Conflict, NotFound
+from opensequence.errors import Conflict, Invalid, NotFound
 from opensequence.models import Contact
 from opensequence.pagination import decode_cursor, encode_cursor, position_uuid
 from opensequence.sequences.lookup import parse_uuid
+from opensequence.validation import MAX_CUSTOM_KEYS
 
 # Rounds of select → insert before giving up; only concurrent writers make a round fail.
 _MAX_ROUNDS = 5
@@ -244,13 +245,19 @@ def to_wire(contact: Contact) -> ContactOut:
 
 
 def _merged(current: dict[str, Any] | None, changes: dict[str, Any]) -> dict[str, Any]:
-    """Key-by-key merge; a ``None`` value removes the key (SPEC §2)."""
+    """Key-by-key merge; a ``None`` value removes the key (SPEC §2). The limit on keys holds for
+    the result: 100 keys, then 100 more in a PATCH, made a contact of 200."""
     merged = dict(current or {})
     for key, value in changes.items():
         if value is None:
             merged.pop(key, None)
         else:
             merged[key] = value
+    if len(merged) > MAX_CUSTOM_KEYS:
+        raise Invalid(
+            f"contact.custom_data: at most {MAX_CUSTOM_KEYS} keys; merged into the contact's "
+            f"{len(current or {})} it would have {len(merged)} (a null value removes a key)"
+        )
     return merged
 
 
