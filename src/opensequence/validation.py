@@ -6,6 +6,7 @@ import math
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, Field
 
@@ -38,6 +39,22 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # A lone surrogate: JSON's "\ud800" escape decodes to one, and neither UTF-8 nor PostgreSQL can
 # store it (a phone number carrying one answered 500).
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+MAX_ZONE_NAME = 64
+
+
+def zone_named(name: object) -> ZoneInfo | None:
+    """The IANA zone called ``name``; None for anything that is not one: paths, and names of
+    the zone database's directories (``Europe``, which raises IsADirectoryError)."""
+    if not isinstance(name, str) or not name or len(name) > MAX_ZONE_NAME:
+        return None
+    if name.startswith("/") or ".." in name or "\\" in name:
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
 
 
 def utc_moment(value: datetime) -> datetime:

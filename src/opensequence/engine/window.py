@@ -19,22 +19,10 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from opensequence.validation import zone_named
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_MAX_ZONE_NAME = 64
-
-
-def zone_named(name: object) -> ZoneInfo | None:
-    """The IANA zone called ``name``; None for anything that is not one (including paths)."""
-    if not isinstance(name, str) or not name or len(name) > _MAX_ZONE_NAME:
-        return None
-    if name.startswith("/") or ".." in name or "\\" in name:
-        return None
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        return None
 
 
 def zone_for(window: dict[str, Any], custom_data: Any) -> tzinfo:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import re
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -15,9 +14,11 @@ from opensequence.filters import CompositeFilter
 from opensequence.validation import (
     MAX_STEPS,
     MAX_TEMPLATE_BYTES,
+    MAX_ZONE_NAME,
     Email,
     Name,
     reject_control_chars,
+    zone_named,
 )
 
 MAX_CUSTOM_ID = 50
@@ -118,12 +119,8 @@ class SendWindow(BaseModel):
     @field_validator("timezone")
     @classmethod
     def _iana(cls, value: str) -> str:
-        if len(value) > 64 or not value or value.startswith("/") or ".." in value:
-            raise ValueError("not an IANA time zone name")
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # "Europe" is a directory
-            raise ValueError(f"unknown IANA time zone {value[:64]!r}") from exc
+        if zone_named(value) is None:
+            raise ValueError(f"unknown IANA time zone {value[:MAX_ZONE_NAME]!r}")
         return value
 
     @model_validator(mode="after")
