@@ -82,6 +82,14 @@ MAX_GROUP_FILTERS = 100
 MAX_LISTED = 10_000  # contact ids and domain names in all of a filter's lists together
 
 
+def _list_length(item: BaseModel) -> int:
+    if isinstance(item, ContactIdIn):
+        return len(item.contact_ids)
+    if isinstance(item, ContactsEmailDomainNameIn):
+        return len(item.domain_name_in)
+    return 0
+
+
 class AndGroup(BaseModel):
     """Every filter must match. An empty group matches every contact (vacuous truth, the same
     reading as ``all()`` of nothing); OpenCX's schema allows it, so we accept and document it."""
@@ -100,15 +108,7 @@ class CompositeFilter(BaseModel):
 
     @model_validator(mode="after")
     def _listed(self) -> CompositeFilter:
-        listed = sum(
-            len(item.contact_ids)
-            if isinstance(item, ContactIdIn)
-            else len(item.domain_name_in)
-            if isinstance(item, ContactsEmailDomainNameIn)
-            else 0
-            for group in self.or_
-            for item in group.and_
-        )
+        listed = sum(_list_length(item) for group in self.or_ for item in group.and_)
         if listed > MAX_LISTED:
             raise ValueError(
                 f"{listed:,} contact ids and domain names in all; at most {MAX_LISTED:,}"
