@@ -307,6 +307,10 @@ class _TextExtractor(HTMLParser):
         if tag == "a":
             self._href = dict(attrs).get("href")
 
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        # HTML5 ignores the "/" of "<br/>": a start tag only (HTMLParser's default adds an end).
+        self.handle_starttag(tag, attrs)
+
     def handle_endtag(self, tag: str) -> None:
         if tag in ("script", "style", "head", "title"):
             self._skip = max(0, self._skip - 1)
@@ -420,6 +424,20 @@ def test_link_targets_decode_references_as_attributes_do(href: str, target: str)
     ],
 )
 def test_a_head_left_open_ends_where_a_browser_ends_it(body: str, text: str) -> None:
+    assert html_to_text(body) == text
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        ("Hi<br/>there<br />again<br>end", "Hi\nthere\nagain\nend\n"),
+        ("x<hr/>y", "x\ny\n"),
+        ("<p/>a<li/>b", "a\n- b\n"),
+        ("<a href='https://x.y'/>more</a>", "more (https://x.y)\n"),
+    ],
+)
+def test_a_slash_before_the_end_of_a_start_tag_closes_nothing(body: str, text: str) -> None:
+    """``<br/>`` is one line break, as ``<br>`` is: the text part kept a blank line for it."""
     assert html_to_text(body) == text
 
 

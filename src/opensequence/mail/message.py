@@ -199,9 +199,9 @@ def _text_parts(body: str) -> list[str]:
                 parts.append(" ")
             if tag == "a":
                 href = _href(attributes)
-            if attributes.rstrip().endswith("/"):
-                end_tag(tag)
-            elif tag in _RAW_END:
+            # A "/" before the ">" closes nothing: HTML5 ignores it (``<br/>`` is ``<br>``, one
+            # line break, not a start and an end; ``<div/>`` opens a div).
+            if tag in _RAW_END:
                 found = _RAW_END[tag].search(body, position)
                 position = end if found is None else found.end()
                 if found is not None:
