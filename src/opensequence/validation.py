@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime
+from functools import cache
 from typing import Annotated, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import AfterValidator, Field
 
@@ -44,12 +45,26 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_ZONE_NAME = 64
 
 
+# Files of a zone directory that are not zones of the IANA database but of the machine:
+# ``localtime`` is the machine's own zone, ``posixrules`` the rules its POSIX TZ strings default
+# to. A send window in either would follow each worker's machine, not the sequence.
+_MACHINE_ZONES = frozenset({"localtime", "posixrules"})
+
+
+@cache
+def _iana_names() -> frozenset[str]:
+    """The zone database's names (the system's and the ``tzdata`` package's): ~600 names, read
+    once per process. Directories (``Europe``) and paths (``/etc/localtime``,
+    ``posix/Europe/Paris``, ``right/UTC``) are not among them."""
+    return frozenset(available_timezones()) - _MACHINE_ZONES
+
+
 def zone_named(name: object) -> ZoneInfo | None:
-    """The IANA zone called ``name``; None for anything that is not one: paths, and names of
-    the zone database's directories (``Europe``, which raises IsADirectoryError)."""
+    """The IANA zone called ``name``; None for anything that is not one of the database's
+    names (:func:`_iana_names`), or that does not load."""
     if not isinstance(name, str) or not name or len(name) > MAX_ZONE_NAME:
         return None
-    if name.startswith("/") or ".." in name or "\\" in name:
+    if name not in _iana_names():
         return None
     try:
         return ZoneInfo(name)

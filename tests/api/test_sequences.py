@@ -691,6 +691,14 @@ BAD_CREATES = [
         "send_window.timezone",
     ),
     (
+        # The machine's zone: workers on machines in different zones would open it differently.
+        _with(
+            "send_window",
+            {"days": ["mon"], "start": "09:00", "end": "17:00", "timezone": "localtime"},
+        ),
+        "send_window.timezone",
+    ),
+    (
         _with(
             "send_window", {"days": ["funday"], "start": "09:00", "end": "17:00", "timezone": "UTC"}
         ),

@@ -90,6 +90,11 @@ def test_no_days_never_opens() -> None:
         ({"timezone": "America/New_York"}, NY),
         ({"timezone": "Not/AZone"}, AMS),
         ({"timezone": "../../etc/passwd"}, AMS),
+        # The machine's zone, not one of the database: each worker would read its own.
+        ({"timezone": "localtime"}, AMS),
+        ({"timezone": "posixrules"}, AMS),
+        ({"timezone": "right/America/New_York"}, AMS),
+        ({"timezone": "Europe"}, AMS),
         ({"timezone": 5}, AMS),
         ({}, AMS),
         (None, AMS),
