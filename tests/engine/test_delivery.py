@@ -752,6 +752,58 @@ async def test_a_render_failing_on_one_contacts_data_fails_only_that_send(
     assert (await enrollment(db, fine)).status == "completed"
 
 
+async def test_a_step_that_raises_while_decided_waits_alone_and_the_batch_goes_out(
+    db: Database,
+    worker: Worker,
+    sink: SinkServer,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected exception while one claimed step was decided (a bug this contact's data
+    meets) released the whole batch: claimed again first at every poll, none of it went out.
+    Now that enrollment alone waits, as a retry does, and goes out once deciding it works."""
+    org = await make_org(db)
+    people = [{"email": f"{name}@x.org"} for name in ("first", "poison", "last")]
+    contacts = await make_contacts(db, org, people)
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    first, poisoned, last = await enroll(db, org, sequence_id, contacts, now=clock.now())
+    decide = Worker._decide
+
+    def faulty(self: Worker, item: Any, sequence: Any, step: Any, contact: Any, *a: Any) -> Any:
+        if contact.email == "poison@x.org":
+            raise KeyError("a bug")
+        return decide(self, item, sequence, step, contact, *a)
+
+    monkeypatch.setattr(Worker, "_decide", faulty)
+    started = clock.now()
+    await worker.drain()
+    assert sorted(m["To"] for m in sink.sink.received) == ["first@x.org", "last@x.org"]
+    assert [(await enrollment(db, e)).status for e in (first, last)] == ["completed"] * 2
+    waiting = await enrollment(db, poisoned)
+    assert (waiting.status, waiting.current_step, waiting.waiting_reason) == (
+        "active",
+        0,
+        "retrying",
+    )
+    assert waiting.attempts == 1 and waiting.locked_by is None
+    assert waiting.next_step_at is not None
+    assert timedelta(seconds=30) <= waiting.next_step_at - started <= timedelta(seconds=60)
+    assert await messages_of(db, poisoned) == []
+    assert f"enrollment {poisoned} raised" in caplog.text
+
+    monkeypatch.setattr(Worker, "_decide", decide)  # the bug fixed
+    clock.advance(seconds=61)
+    await worker.drain()
+    await worker.transport.aclose()
+    assert sorted(m["To"] for m in sink.sink.received) == [
+        "first@x.org",
+        "last@x.org",
+        "poison@x.org",
+    ]
+    assert (await enrollment(db, poisoned)).status == "completed"
+
+
 async def test_a_delay_beyond_the_last_datetime_waits_for_ever_and_sends_nothing_twice(
     db: Database, worker: Worker, sink: SinkServer, clock: ManualClock
 ) -> None:

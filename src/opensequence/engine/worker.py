@@ -99,6 +99,10 @@ RENDER_BUDGET = 32 * 1024 * 1024
 OFF_LOOP_MAIL_CHARS = 16 * 1024
 # The interpreter's switch interval once work runs off the loop (see Worker._off_loop).
 OFF_LOOP_SWITCH_SECONDS = 0.001
+# The longest wait of an enrollment whose step raised while it was decided (see Worker._plan):
+# the retry policy's backoff, capped here, and never given up (the fault is ours, not the
+# recipient's).
+PLAN_RETRY_MAX_SECONDS = 3600.0
 
 
 def make_worker_id() -> str:
@@ -174,6 +178,25 @@ class _Plan:
     one_off: bool = False
     # Claimed but left undecided, the batch's render budget being spent: released untouched.
     deferred: list[uuid.UUID] = field(default_factory=list)
+
+    def _lists(self) -> tuple[list[Any], ...]:
+        return (
+            self.enrollment_changes,
+            self.message_changes,
+            self.new_rows,
+            self.started,
+            self.pending,
+        )
+
+    def mark(self) -> tuple[int, ...]:
+        """Where the plan stands, for :meth:`rewind`."""
+        return tuple(len(changes) for changes in self._lists())
+
+    def rewind(self, mark: tuple[int, ...]) -> None:
+        """Forget what was added since :meth:`mark` (``finished`` is counted last, so an
+        item that raised never got there)."""
+        for changes, length in zip(self._lists(), mark, strict=True):
+            del changes[length:]
 
 
 class Worker:
@@ -381,7 +404,6 @@ class Worker:
         slices = Slices()
         rendered = 0
         slow: dict[tuple[uuid.UUID, int], bool] = {}  # per step, see _renders_slowly
-        sequences, contacts, existing = loaded.sequences, loaded.contacts, loaded.existing
         steps_by_index = {
             sequence_id: {row.step_index: row for row in rows}
             for sequence_id, rows in loaded.steps.items()
@@ -397,87 +419,117 @@ class Worker:
                 )
                 break
             await slices.pause()
-            sequence = sequences.get(item.sequence_id)
-            contact = contacts.get(item.contact_id)
-            if sequence is not None and not sequence.is_continuous:
-                plan.one_off = True
-            if sequence is None or sequence.status != "active" or contact is None:
-                plan.enrollment_changes.append(_ended(item, "canceled"))
-                continue
-            by_index = steps_by_index.get(item.sequence_id, {})
-            step = by_index.get(item.current_step)
-            if step is None:
-                plan.enrollment_changes.append(_ended(item, "completed"))
-                continue
-            next_step = by_index.get(item.current_step + 1)
-            next_delay = None if next_step is None else float(next_step.delay_in_minutes)
-            row = existing.get((item.id, item.current_step))
-            if row is not None and row.status != "sending":
-                # Settled by a worker that lost its lease before it could advance.
-                plan.enrollment_changes.append(
-                    _ended(item, "failed")
-                    if row.status == "failed"
-                    else _advanced(item, next_delay, now)
+            mark = plan.mark()
+            try:
+                rendered += await self._plan_one(plan, item, loaded, steps_by_index, slow, now)
+            except Exception:
+                # A bug met by this enrollment's data must not hold up the batch: claimed
+                # again first at every poll, the whole batch would never go out. It waits on
+                # its step instead, as a retry does (never failed for our fault), and the log
+                # says why.
+                plan.rewind(mark)
+                wait = min(self.retry.delay(item.attempts + 1), PLAN_RETRY_MAX_SECONDS)
+                log.exception(
+                    "deciding step %d of enrollment %s raised; it is tried again in %.0f s",
+                    item.current_step,
+                    item.id,
+                    wait,
                 )
-                continue
-            decide = functools.partial(
-                self._decide, item, sequence, step, contact, loaded.secret, contact.suppression
-            )
-            key = (item.sequence_id, item.current_step)
-            if key not in slow:
-                slow[key] = _renders_slowly(step)
-            decision = await self._off_loop(decide) if slow[key] else decide()
-            if decision.rendered is not None:
-                rendered += len(decision.rendered["subject"]) + len(decision.rendered["body"])
-            if decision.status == "sending" and sequence.send_window:
-                opens = _window_opens(sequence.send_window, contact.custom_data, now)
-                if opens is not None:
-                    plan.enrollment_changes.append(_waiting(item, opens, "outside_window"))
-                    continue
-            plan.started.append((item.id, item.sequence_id, item.current_step))
-            if row is None:
-                row_id = new_id()
-                data = step.action.get("data") or {}
-                from_email = data.get("from_email")
-                domain = domain_of(from_email) if from_email else self._fallback_domain
-                message_id = make_message_id(row_id, domain)
-                plan.new_rows.append(
-                    {
-                        "id": row_id,
-                        "org_id": item.org_id,
-                        "enrollment_id": item.id,
-                        "sequence_id": item.sequence_id,
-                        "contact_id": item.contact_id,
-                        "step_index": item.current_step,
-                        "from_email": from_email,
-                        "to_email": contact.email,
-                        "status": decision.status,
-                        "reason": decision.reason,
-                        "message_id": message_id,
-                        "attempts": 0,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                )
-                attempts, first_at = 0, now
-            else:
-                row_id, message_id = row.id, row.message_id
-                attempts, first_at = row.attempts, row.created_at
-                if decision.status != "sending":
-                    change = _message_change(row_id, decision.status, decision.reason)
-                    plan.message_changes.append(change)
-            if decision.status == "sending":
-                plan.pending.append(
-                    (item, row_id, attempts, first_at, decision, message_id, next_delay)
-                )
-                continue
-            plan.finished[decision.status] = plan.finished.get(decision.status, 0) + 1
+                plan.enrollment_changes.append(_retrying(item, now + timedelta(seconds=wait)))
+        return plan
+
+    async def _plan_one(
+        self,
+        plan: _Plan,
+        item: repo.Claimed,
+        loaded: _Loaded,
+        steps_by_index: dict[uuid.UUID, dict[int, Any]],
+        slow: dict[tuple[uuid.UUID, int], bool],
+        now: datetime,
+    ) -> int:
+        """Decide one claimed step into ``plan``; returns the characters it rendered."""
+        sequence = loaded.sequences.get(item.sequence_id)
+        contact = loaded.contacts.get(item.contact_id)
+        if sequence is not None and not sequence.is_continuous:
+            plan.one_off = True
+        if sequence is None or sequence.status != "active" or contact is None:
+            plan.enrollment_changes.append(_ended(item, "canceled"))
+            return 0
+        by_index = steps_by_index.get(item.sequence_id, {})
+        step = by_index.get(item.current_step)
+        if step is None:
+            plan.enrollment_changes.append(_ended(item, "completed"))
+            return 0
+        next_step = by_index.get(item.current_step + 1)
+        next_delay = None if next_step is None else float(next_step.delay_in_minutes)
+        row = loaded.existing.get((item.id, item.current_step))
+        if row is not None and row.status != "sending":
+            # Settled by a worker that lost its lease before it could advance.
             plan.enrollment_changes.append(
                 _ended(item, "failed")
-                if decision.status == "failed"
+                if row.status == "failed"
                 else _advanced(item, next_delay, now)
             )
-        return plan
+            return 0
+        decide = functools.partial(
+            self._decide, item, sequence, step, contact, loaded.secret, contact.suppression
+        )
+        key = (item.sequence_id, item.current_step)
+        if key not in slow:
+            slow[key] = _renders_slowly(step)
+        decision = await self._off_loop(decide) if slow[key] else decide()
+        rendered = 0
+        if decision.rendered is not None:
+            rendered = len(decision.rendered["subject"]) + len(decision.rendered["body"])
+        if decision.status == "sending" and sequence.send_window:
+            opens = _window_opens(sequence.send_window, contact.custom_data, now)
+            if opens is not None:
+                plan.enrollment_changes.append(_waiting(item, opens, "outside_window"))
+                return rendered
+        plan.started.append((item.id, item.sequence_id, item.current_step))
+        if row is None:
+            row_id = new_id()
+            data = step.action.get("data") or {}
+            from_email = data.get("from_email")
+            domain = domain_of(from_email) if from_email else self._fallback_domain
+            message_id = make_message_id(row_id, domain)
+            plan.new_rows.append(
+                {
+                    "id": row_id,
+                    "org_id": item.org_id,
+                    "enrollment_id": item.id,
+                    "sequence_id": item.sequence_id,
+                    "contact_id": item.contact_id,
+                    "step_index": item.current_step,
+                    "from_email": from_email,
+                    "to_email": contact.email,
+                    "status": decision.status,
+                    "reason": decision.reason,
+                    "message_id": message_id,
+                    "attempts": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+            attempts, first_at = 0, now
+        else:
+            row_id, message_id = row.id, row.message_id
+            attempts, first_at = row.attempts, row.created_at
+            if decision.status != "sending":
+                change = _message_change(row_id, decision.status, decision.reason)
+                plan.message_changes.append(change)
+        if decision.status == "sending":
+            plan.pending.append(
+                (item, row_id, attempts, first_at, decision, message_id, next_delay)
+            )
+            return rendered
+        plan.enrollment_changes.append(
+            _ended(item, "failed")
+            if decision.status == "failed"
+            else _advanced(item, next_delay, now)
+        )
+        plan.finished[decision.status] = plan.finished.get(decision.status, 0) + 1  # last
+        return rendered
 
     async def _record(
         self, session: AsyncSession, plan: _Plan, loaded: _Loaded, now: datetime
@@ -849,16 +901,7 @@ class Worker:
             messages.append(
                 _message_change(item.message_row, "sending", verdict.reason, attempted=1)
             )
-            enrollments.append(
-                {
-                    **_base(claim),
-                    "b_status": "active",
-                    "b_step": claim.current_step,
-                    "b_next_at": verdict.at,
-                    "b_waiting": "retrying",
-                    "b_attempts": claim.attempts + 1,
-                }
-            )
+            enrollments.append(_retrying(claim, verdict.at))
         # These messages are out: a failure to record them would make each one a duplicate
         # once its claim expires, so a database that went away (a restart, a failover) is
         # waited for, within a third of the lease.
@@ -962,6 +1005,18 @@ def _waiting(item: repo.Claimed, until: datetime, reason: str) -> dict[str, Any]
         "b_next_at": until,
         "b_waiting": reason,
         "b_attempts": item.attempts,
+    }
+
+
+def _retrying(item: repo.Claimed, until: datetime) -> dict[str, Any]:
+    """The enrollment stays on its step after a failed attempt, due again at ``until``."""
+    return {
+        **_base(item),
+        "b_status": "active",
+        "b_step": item.current_step,
+        "b_next_at": until,
+        "b_waiting": "retrying",
+        "b_attempts": item.attempts + 1,
     }
 
 
