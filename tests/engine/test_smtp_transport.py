@@ -7,11 +7,13 @@ import time
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 from opensequence.mail.errors import PermanentSendError, TransientSendError
 from opensequence.mail.message import Outgoing
 from opensequence.mail.transports.smtp import SmtpTransport
-from tests.engine.sink import Sink, SinkServer
+from tests.engine.sink import Sink, SinkServer, free_port
 
 
 class StallingSink(Sink):
@@ -110,3 +112,55 @@ async def test_a_refused_message_leaves_its_connection_usable_for_the_next():
     assert [m["Subject"] for m in sink.received] == ["3", "4"]
     # One connection all along: the refusals were answered with RSET, not a reconnect.
     assert len(sink.peers) == 4 and len(set(sink.peers)) == 1
+
+
+def _authenticating_server(sink: Sink) -> tuple[Controller, int]:
+    """A server that takes only user/right, and wants it before MAIL (530 otherwise)."""
+
+    def check(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        ok = (data.login, data.password) == (b"user", b"right")
+        return AuthResult(success=ok, handled=False)
+
+    port = free_port()
+    controller = Controller(
+        sink,
+        hostname="127.0.0.1",
+        port=port,
+        authenticator=check,
+        auth_required=True,
+        auth_require_tls=False,
+    )
+    return controller, port
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # loopback
+@pytest.mark.parametrize(
+    ("username", "password", "reason"),
+    [
+        ("user", "wrong", r"^no SMTP session: 535 5\.7\.8 "),  # AUTH refused
+        (None, None, r"^530 5\.7\.0 "),  # MAIL without AUTH
+    ],
+)
+async def test_a_login_the_server_refuses_is_transient(
+    username: str | None, password: str | None, reason: str
+) -> None:
+    """A wrong or missing password is our configuration, not the message's fault: it failed
+    every due send for good (a 5xx), and fixing the password afterwards sent nothing."""
+    sink = Sink()
+    controller, port = _authenticating_server(sink)
+    controller.start()
+    try:
+        refused = SmtpTransport(
+            host="127.0.0.1", port=port, username=username, password=password, tls="none"
+        )
+        with pytest.raises(TransientSendError, match=reason):
+            await refused.send(outgoing(1))
+        await refused.aclose()
+        fixed = SmtpTransport(
+            host="127.0.0.1", port=port, username="user", password="right", tls="none"
+        )
+        await fixed.send(outgoing(2))
+        await fixed.aclose()
+    finally:
+        controller.stop()
+    assert [m["Subject"] for m in sink.received] == ["2"]

@@ -31,8 +31,10 @@ def classify(exc: BaseException) -> SendError:
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused) and exc.recipients:
         exc = exc.recipients[0]
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 0:
-        text = " ".join(str(exc.message).split())
-        reason = f"{exc.code} {text}".strip()
+        reason = _reply(exc)
+        if exc.code == 530:
+            # "Authentication required" (to MAIL FROM): our configuration, not the message.
+            return TransientSendError(reason)
         if 500 <= exc.code < 600:
             if isinstance(exc, aiosmtplib.SMTPRecipientRefused | aiosmtplib.SMTPDataError):
                 return PermanentSendError(f"bounced: {reason}")
@@ -41,6 +43,11 @@ def classify(exc: BaseException) -> SendError:
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
         return TransientSendError(f"timeout: {exc}")
     return TransientSendError(f"{type(exc).__name__}: {exc}")
+
+
+def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
+    """``550 5.1.1 no such mailbox``: the server's reply on one line."""
+    return f"{exc.code} {' '.join(str(exc.message).split())}".strip()
 
 
 class SmtpTransport:
@@ -80,12 +87,16 @@ class SmtpTransport:
             tls_context=self.tls_context,
             timeout=self.timeout,
         )
-        await client.connect()
-        if client.is_ehlo_or_helo_needed:
-            try:
-                await client.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                await client.helo()
+        try:
+            await client.connect()
+            if client.is_ehlo_or_helo_needed:
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo()
+        except BaseException:
+            client.close()  # a session that did not open is not left open
+            raise
         # From here on the send's deadline (see _watch) bounds the commands.
         client.timeout = None
         return client
@@ -93,9 +104,9 @@ class SmtpTransport:
     async def send(self, outgoing: Outgoing) -> None:
         async with self._slots:
             client = self._idle.pop() if self._idle else None
+            if client is None or not client.is_connected:
+                client = await self._open()
             try:
-                if client is None or not client.is_connected:
-                    client = await self._connect()
                 await self._sendmail(client, outgoing)
             except _Refused as refused:
                 # This message was refused; the connection is reset and carries the next one
@@ -104,10 +115,21 @@ class SmtpTransport:
                 self._idle.append(client)
                 raise classify(refused.reply) from refused.reply
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                if client is not None:
-                    client.close()
+                client.close()
                 raise classify(exc) from exc
             self._idle.append(client)
+
+    async def _open(self) -> aiosmtplib.SMTP:
+        """A new session, or a transient error whatever the server answered: a 5xx to EHLO,
+        STARTTLS or AUTH (``535`` for a wrong password) speaks of this server and our
+        configuration, not of the message or its recipient, so it must not fail the send (it
+        failed every due send of every campaign until the password was fixed)."""
+        try:
+            return await self._connect()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 0:
+                raise TransientSendError(f"no SMTP session: {_reply(exc)}") from exc
+            raise classify(exc) from exc
 
     async def _sendmail(self, client: aiosmtplib.SMTP, outgoing: Outgoing) -> None:
         loop = asyncio.get_running_loop()
