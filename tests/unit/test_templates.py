@@ -121,6 +121,10 @@ def test_substitution_plans_render_exactly_as_liquid(
         ("{{ (1..5) | join }}", True),
         ("{% assign r = (1..n) %}{{ r | size }}", True),
         ("<p>(see the list...)</p> {{ contact.name }}", False),  # a range only inside markup
+        ('{{ contact.name | replace: "a", "b" }}', True),
+        ("{% assign s = contact.name | append: contact.name %}{{ s }}", True),
+        ("{% capture s %}{{ contact.name }}{% endcapture %}{{ s }}", True),
+        ("<p>Please replace your card</p> {{ contact.name | upcase }}", False),
     ],
 )
 def test_templates_that_may_render_slowly_are_told_apart(source: str, slow: bool) -> None:
@@ -189,3 +193,54 @@ def test_a_render_stops_when_its_cpu_budget_runs_out(monkeypatch: pytest.MonkeyP
     )
     with pytest.raises(TemplateError, match=re.escape("rendering took more than 0.2 s of CPU")):
         render(source, {}, html=False)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        # Squaring 22 times made a 4-million-bit integer: ~10 s of CPU inside one node, and a
+        # chain of 128 more products in the output took minutes, on the worker's event loop.
+        (
+            "{% assign x = 2 %}" + "{% assign x = x | times: x %}" * 22 + "{{ x }}",
+            "an integer of more than 4,096 bits",
+        ),
+        # 12,000 replacements of 12,000 characters: 144 million characters (~300 MB).
+        (
+            '{% assign s = "' + "x" * 12_000 + '" %}{{ s | replace: "x", s | size }}',
+            "a string of more than 4,194,304 characters",
+        ),
+        (
+            '{% assign s = "' + "x" * 100_001 + '" %}{{ s | split: "" | size }}',
+            "a list of more than 100,000 items",
+        ),
+        (
+            '{% assign l = "a,b" | split: "," %}'
+            + "{% assign l = l | concat: l %}" * 17
+            + "{{ l | size }}",
+            "a list of more than 100,000 items",
+        ),
+    ],
+)
+def test_what_a_filter_makes_is_bounded(source: str, message: str) -> None:
+    with pytest.raises(TemplateError, match=re.escape(message)):
+        render(source, {}, html=False)
+
+
+def test_filters_inside_one_output_spend_the_cpu_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One output of a 4 Mi-character string through 3,000 filters is one node: the budget,
+    read as nodes render, never saw the ~20 s it took."""
+    monkeypatch.setattr(templates, "RENDER_CPU_SECONDS", 0.2)
+    text = "x" * 2000
+    source = f'{{{{ "{text}" | replace: "x", "{text}"' + " | upcase | downcase" * 3000 + " }}"
+    with pytest.raises(TemplateError, match=re.escape("rendering took more than 0.2 s of CPU")):
+        render(source, {}, html=False)
+
+
+def test_bounded_filters_still_take_their_context_and_arguments() -> None:
+    source = (
+        '{{ contact.name | escape }} {{ contact.tags | join: ", " }} {{ contact.tags | first }} '
+        '{{ "2024-01-02" | date: "%Y" }} {{ "a b" | url_encode }} {{ 3 | times: 4 | plus: 1 }} '
+        '{{ "a-b" | replace: "-", "+" }} {{ "a,b" | split: "," | last }}'
+    )
+    context = {"contact": {"name": "<A>", "tags": ["x", "y"]}}
+    assert render(source, context, html=True) == "&lt;A&gt; x, y x 2024 a+b 13 a+b b"

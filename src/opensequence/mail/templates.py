@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -92,13 +93,83 @@ class _Template(BoundTemplate):
     context_class = _Context
 
 
+OUTPUT_LIMIT = 4 * 1024 * 1024  # bytes a render may write (Liquid's output stream limit)
+# What one filter may make. Liquid's own limits see a render's output, not the values its
+# filters compute on the way, in an output or an ``assign``: a 2 kB subject squaring a number
+# 22 times (``x | times: x``) computed with a 4-million-bit integer, ~10 s of CPU inside one
+# node, where the CPU budget is not looked at; ``s | replace: "x", s`` over a 12 kB string made
+# a 144-million-character one. So every filter spends a step of the budget, and refuses to make
+# an integer of more than MAX_INTEGER_BITS, a string of more than OUTPUT_LIMIT characters or a
+# list of more than MAX_RANGE items (``replace`` and ``split`` before they make it).
+MAX_INTEGER_BITS = 4096
+
+
+def _too_big(what: str) -> ResourceLimitError:
+    return ResourceLimitError(f"a filter made {what}", token=None)
+
+
+def _check_made(made: object) -> None:
+    if type(made) is int and made.bit_length() > MAX_INTEGER_BITS:
+        raise _too_big(f"an integer of more than {MAX_INTEGER_BITS:,} bits")
+    if isinstance(made, str) and len(made) > OUTPUT_LIMIT:
+        raise _too_big(f"a string of more than {OUTPUT_LIMIT:,} characters")
+    if isinstance(made, list) and len(made) > MAX_RANGE:
+        raise _too_big(f"a list of more than {MAX_RANGE:,} items")
+
+
+def _replace_would_make(value: object, old: object = "", new: object = "", *_: object) -> None:
+    """``replace`` of every ``old`` in ``value``: refused before it is made when too long."""
+    text, old, new = str(value), str(old), str(new)
+    count = text.count(old) if old else len(text) + 1
+    if len(text) + count * (len(new) - len(old)) > OUTPUT_LIMIT:
+        raise _too_big(f"a string of more than {OUTPUT_LIMIT:,} characters")
+
+
+def _split_would_make(value: object, separator: object = "", *_: object) -> None:
+    text, separator = str(value), str(separator)
+    if (text.count(separator) if separator else len(text)) >= MAX_RANGE:
+        raise _too_big(f"a list of more than {MAX_RANGE:,} items")
+
+
+_BEFORE: dict[str, Callable[..., None]] = {
+    "replace": _replace_would_make,
+    "split": _split_would_make,
+}
+
+
+def _bounded_filter(name: str, liquid_filter: Any) -> Any:
+    """``liquid_filter`` spending the render's budget and checked for what it makes."""
+    wants_context = getattr(liquid_filter, "with_context", False)
+    before = _BEFORE.get(name)
+
+    def bounded(*args: Any, context: Any, **kwargs: Any) -> Any:
+        if isinstance(context, _Context):
+            context.budget.step()
+        if before is not None:
+            before(*args)
+        if wants_context:
+            kwargs["context"] = context
+        made = liquid_filter(*args, **kwargs)
+        _check_made(made)
+        return made
+
+    bounded.with_context = True  # type: ignore[attr-defined]
+    if getattr(liquid_filter, "with_environment", False):
+        bounded.with_environment = True  # type: ignore[attr-defined]
+    return bounded
+
+
 class TemplateEnvironment(Environment):
     """Sandboxed by Liquid's design (no attribute access beyond the data given); bounded here."""
 
     loop_iteration_limit = LOOP_ITERATIONS
     local_namespace_limit = 1_000_000
-    output_stream_limit = 4 * 1024 * 1024
+    output_stream_limit = OUTPUT_LIMIT
     template_class = _Template
+
+    def setup_tags_and_filters(self, *, extra: bool = False) -> None:
+        super().setup_tags_and_filters(extra=extra)
+        self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
 
 
 def _bounded_range(self: RangeLiteral, start: Any, stop: Any) -> range:
