@@ -427,17 +427,24 @@ async def test_start_enrolls_matching_contacts_as_one_run(
 
 
 async def test_the_largest_filter_starts_on_both_databases(tenant: Tenant, db: Database) -> None:
-    """100 groups of 100 filters, 10,000 listed ids and domains: one SQL condition that SQLite
-    nests under its depth limit and PostgreSQL binds under its parameter limit."""
+    """100 groups, 200 filters, 10,000 listed ids and domains: one SQL condition that SQLite
+    nests under its depth limit and PostgreSQL binds under its parameter limit, with 99
+    subqueries (contacts_affected_by_sequence) that PostgreSQL plans in well under a second."""
     ids = await add_contacts(db, tenant.org_id, [("a@match.io", EXAMPLE_INSTANT)])
     listed = [str(uuid.uuid4()) for _ in range(99)] + [str(ids[0])]
     since = {"type": "contacts_created_at_between", "after": "2000-01-01T00:00:00Z", "before": None}
     groups = [
-        {"and": [{"type": "contact_id_in", "contact_ids": listed}] + [since] * 99}
+        {
+            "and": [
+                {"type": "contact_id_in", "contact_ids": listed},
+                {"type": "contacts_affected_by_sequence", "sequence_id": str(uuid.uuid4())},
+            ]
+        }
         for _ in range(99)
     ]
     domains = [f"d{i}.io" for i in range(99)] + ["match.io"]
-    groups.append({"and": [{"type": "contacts_email_domain_name_in", "domain_name_in": domains}]})
+    by_domain = {"type": "contacts_email_domain_name_in", "domain_name_in": domains}
+    groups.append({"and": [by_domain, since]})
     sequence_id = await create(
         tenant, {"is_continuous": False, "steps": [step()], "filter": {"or": groups}}
     )

@@ -4,7 +4,14 @@ Pure: no session and no FastAPI. The SQL form and the in-memory form are two ren
 definition and are property-tested against each other on both databases.
 """
 
-from opensequence.filters.evaluate import ContactFacts, explain, matches, referenced_sequence_ids
+from opensequence.filters.evaluate import (
+    ContactFacts,
+    PreparedFilter,
+    explain,
+    matches,
+    prepare,
+    referenced_sequence_ids,
+)
 from opensequence.filters.schema import (
     ALL_CONTACTS_OUTPUT,
     AllContacts,
@@ -32,11 +39,13 @@ __all__ = [
     "ContactsAffectedBySequence",
     "ContactsCreatedAtBetween",
     "ContactsEmailDomainNameIn",
+    "PreparedFilter",
     "all_contacts_output",
     "compile_filter",
     "explain",
     "matches",
     "parse_filter",
+    "prepare",
     "referenced_sequence_ids",
     "stored_filter",
 ]

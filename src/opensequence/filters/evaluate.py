@@ -18,6 +18,7 @@ Semantics, shared with ``sql.compile_filter`` (the property test holds them toge
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -78,43 +79,77 @@ def _aware(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def _one(item: object, facts: ContactFacts) -> bool:
+Test = Callable[[ContactFacts], bool]
+
+
+def _test(item: object) -> Test:
+    """One filter as a test of a contact, its lists made sets once."""
     if isinstance(item, AllContacts):
-        return True
+        return lambda facts: True
     if isinstance(item, ContactIdIn):
-        return facts.id in item.contact_ids
+        ids = frozenset(item.contact_ids)
+        return lambda facts: facts.id in ids
     if isinstance(item, ContactsCreatedAtBetween):
-        created = _aware(facts.created_at)
-        if item.after is not None and created < item.after:
-            return False
-        return not (item.before is not None and created > item.before)
+        after, before = item.after, item.before
+
+        def created_between(facts: ContactFacts) -> bool:
+            created = _aware(facts.created_at)
+            if after is not None and created < after:
+                return False
+            return not (before is not None and created > before)
+
+        return created_between
     if isinstance(item, ContactsEmailDomainNameIn):
-        if facts.email is None or "@" not in facts.email:
-            return False
-        suffix = "@" + ascii_lower(facts.email.rsplit("@", 1)[1])
-        return suffix in email_domain_targets(item.domain_name_in)
+        targets = frozenset(email_domain_targets(item.domain_name_in))
+
+        def in_domains(facts: ContactFacts) -> bool:
+            if facts.email is None or "@" not in facts.email:
+                return False
+            return "@" + ascii_lower(facts.email.rsplit("@", 1)[1]) in targets
+
+        return in_domains
     if isinstance(item, ContactsAffectedBySequence):
         sid = sequence_uuid(item.sequence_id)
-        return sid is not None and sid in facts.enrolled_sequence_ids
+        return lambda facts: sid is not None and sid in facts.enrolled_sequence_ids
     raise TypeError(f"unknown filter {item!r}")
 
 
-def matches(f: CompositeFilter | None, facts: ContactFacts) -> bool:
+@dataclass(frozen=True)
+class PreparedFilter:
+    """A filter ready to test many contacts: each ``or`` group's filters as (type, test).
+    Testing the :class:`CompositeFilter` itself rebuilt a 10,000-domain set for every contact
+    and searched id lists one by one: add-contacts of 2,000 contacts took 52 s."""
+
+    groups: tuple[tuple[tuple[str, Test], ...], ...]
+
+
+def prepare(f: CompositeFilter) -> PreparedFilter:
+    return PreparedFilter(
+        tuple(tuple((item.type, _test(item)) for item in group.and_) for group in f.or_)
+    )
+
+
+def _prepared(f: CompositeFilter | PreparedFilter) -> PreparedFilter:
+    return f if isinstance(f, PreparedFilter) else prepare(f)
+
+
+def matches(f: CompositeFilter | PreparedFilter | None, facts: ContactFacts) -> bool:
     """Whether the contact passes the filter; ``None`` (no filter) passes everyone."""
     if f is None:
         return True
-    return any(all(_one(item, facts) for item in group.and_) for group in f.or_)
+    return any(all(test(facts) for _, test in group) for group in _prepared(f).groups)
 
 
-def explain(f: CompositeFilter | None, facts: ContactFacts) -> str | None:
+def explain(f: CompositeFilter | PreparedFilter | None, facts: ContactFacts) -> str | None:
     """None when the contact matches; otherwise, for every ``or`` group, its first failing
-    filter: ``"or[0]: contacts_email_domain_name_in; or[1]: contact_id_in"``."""
+    filter: ``"or[0]: contacts_email_domain_name_in; or[1]: contact_id_in"``. Prepare a filter
+    tested for many contacts once (:func:`prepare`)."""
     if f is None:
         return None
     parts: list[str] = []
-    for index, group in enumerate(f.or_):
-        failing = next((item for item in group.and_ if not _one(item, facts)), None)
+    for index, group in enumerate(_prepared(f).groups):
+        failing = next((kind for kind, test in group if not test(facts)), None)
         if failing is None:
             return None
-        parts.append(f"or[{index}]: {failing.type}")
+        parts.append(f"or[{index}]: {failing}")
     return "; ".join(parts)

@@ -14,7 +14,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from opensequence.clock import minutes_after
 from opensequence.contacts.service import resolve_contacts
 from opensequence.errors import Conflict, NotFound
-from opensequence.filters import ContactFacts, explain, referenced_sequence_ids, stored_filter
+from opensequence.filters import (
+    ContactFacts,
+    explain,
+    prepare,
+    referenced_sequence_ids,
+    stored_filter,
+)
 from opensequence.models import Run, Sequence
 from opensequence.models.run import OUTCOMES
 from opensequence.pagination import decode_cursor, encode_cursor, position_int
@@ -146,10 +152,11 @@ async def _process(
             session, candidates, referenced_sequence_ids(composite)
         )
         eligible = []
+        prepared = prepare(composite)
         for contact_id in candidates:
             email, created_at = facts[contact_id]
             why = explain(
-                composite,
+                prepared,
                 ContactFacts(
                     id=contact_id,
                     email=email,
