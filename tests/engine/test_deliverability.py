@@ -24,6 +24,7 @@ from sqlalchemy import select, update
 from opensequence.clock import ManualClock
 from opensequence.config import Settings
 from opensequence.db import Database
+from opensequence.db.types import iso
 from opensequence.engine.worker import Worker
 from opensequence.models import Message, Sequence
 from tests.engine.factories import email_step, enroll, make_contacts, make_sequence, make_worker
@@ -278,6 +279,71 @@ async def test_domain_and_address_limits_both_apply(
     clock.advance(minutes=1)
     await worker.drain()
     assert len(sink.sink.received) == 7
+
+
+@pytest.mark.parametrize("lift", ["delete", "raise"])
+async def test_a_send_waiting_for_a_limit_goes_out_once_the_limit_is_lifted(
+    app: FastAPI,
+    db: Database,
+    worker: Worker,
+    sink: SinkServer,
+    clock: ManualClock,
+    tenant: Tenant,
+    lift: str,
+) -> None:
+    """SPEC §5: a throttled send goes out "once the window allows or the limit is lifted". It
+    kept the instant computed under the old limit: a whole day for ``per_day``."""
+    app.state.clock = clock
+    await tenant.client.put("/sender-limits/example.com", json={"per_day": 1})
+    org = tenant.org_id
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(2)])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    await worker.drain()
+    assert len(sink.sink.received) == 1
+    path = f"/sequences/{sequence_id}/enrollments"
+    [waiting] = (await tenant.client.get(path, params={"status": "active"})).json()["items"]
+    assert waiting["waiting_reason"] == "throttled"
+
+    clock.advance(seconds=5)
+    if lift == "delete":
+        response = await tenant.client.delete("/sender-limits/example.com")
+    else:
+        response = await tenant.client.put("/sender-limits/example.com", json={"per_day": 2})
+    assert response.status_code == 200, response.text
+    [due] = (await tenant.client.get(path, params={"status": "active"})).json()["items"]
+    assert (due["waiting_reason"], due["next_step_at"]) == (None, iso(clock.now()))
+    await worker.drain()
+    assert len(sink.sink.received) == 2
+
+
+async def test_a_send_waiting_for_a_window_goes_out_once_the_window_is_removed(
+    app: FastAPI, db: Database, worker: Worker, sink: SinkServer, clock: ManualClock, tenant: Tenant
+) -> None:
+    """It waited for the old window's next opening (here the Monday), where null means any
+    time."""
+    app.state.clock = clock
+    clock.set(datetime(2026, 3, 6, 18, 0, tzinfo=UTC))  # a Friday, after hours
+    window = {"days": ["mon"], "start": "09:00", "end": "17:00", "timezone": "UTC"}
+    created = await tenant.client.post(
+        "/sequences", json={"name": "w", "steps": [email_step()], "send_window": window}
+    )
+    assert created.status_code == 201, created.text
+    sequence_id = created.json()["id"]
+    await tenant.client.post(
+        f"/sequences/{sequence_id}/contacts", json={"contacts": [{"email": "a@x.org"}]}
+    )
+    await worker.drain()
+    path = f"/sequences/{sequence_id}/enrollments"
+    [waiting] = (await tenant.client.get(path)).json()["items"]
+    assert (waiting["waiting_reason"], waiting["next_step_at"]) == (
+        "outside_window",
+        "2026-03-09T09:00:00.000Z",
+    )
+    patched = await tenant.client.patch(f"/sequences/{sequence_id}", json={"send_window": None})
+    assert patched.status_code == 200, patched.text
+    await worker.drain()
+    assert [str(m["To"]) for m in sink.sink.received] == ["a@x.org"]
 
 
 # ------------------------------------------------------------------------------ send windows

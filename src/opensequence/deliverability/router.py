@@ -144,9 +144,9 @@ async def put_sender_limit(
     responses=error_responses(400, 401, 403, 404, 429),
 )
 async def delete_sender_limit(
-    sender: str, db: DbDep, principal: Principal = require("sequences:write")
+    sender: str, db: DbDep, clock: ClockDep, principal: Principal = require("sequences:write")
 ) -> SenderLimitOut:
     async with db.transaction() as session:
         out = _limit(await service.get_sender_limit(session, principal.org_id, sender))
-        await service.delete_sender_limit(session, principal.org_id, sender)
+        await service.delete_sender_limit(session, principal.org_id, sender, clock.now())
     return out

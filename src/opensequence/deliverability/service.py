@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from opensequence.contacts.identity import normalize_email
 from opensequence.contacts.lookup import get_contact
 from opensequence.deliverability import repository as repo
+from opensequence.enrollments.repository import wake_waiting
 from opensequence.errors import Invalid, NotFound
 from opensequence.models import SenderLimit, Suppression
 from opensequence.pagination import decode_cursor, encode_cursor, position_str
@@ -119,6 +120,7 @@ async def put_sender_limit(
 ) -> SenderLimit:
     key = normalise_sender(sender)
     await repo.upsert_sender_limit(session, org_id, key, limits, now)
+    await wake_waiting(session, "throttled", now, org_id=org_id)  # they contend again
     found = await repo.get_sender_limit(session, org_id, key)
     assert found is not None
     await session.refresh(found)
@@ -132,9 +134,13 @@ async def get_sender_limit(session: AsyncSession, org_id: uuid.UUID, sender: str
     return found
 
 
-async def delete_sender_limit(session: AsyncSession, org_id: uuid.UUID, sender: str) -> None:
+async def delete_sender_limit(
+    session: AsyncSession, org_id: uuid.UUID, sender: str, now: datetime
+) -> None:
+    """SPEC §5: a send waiting for a limit goes out once the limit is lifted."""
     if not await repo.delete_sender_limit(session, org_id, normalise_sender(sender)):
         raise NotFound(f"no sender limit for {sender!r}")
+    await wake_waiting(session, "throttled", now, org_id=org_id)
 
 
 async def list_sender_limits(

@@ -6,10 +6,39 @@ import uuid
 from collections.abc import Sequence as Seq
 from datetime import datetime
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.models import Enrollment, Message
+
+
+async def wake_waiting(
+    session: AsyncSession,
+    reason: str,
+    now: datetime,
+    *,
+    org_id: uuid.UUID | None = None,
+    sequence_id: uuid.UUID | None = None,
+) -> int:
+    """Make the active enrollments waiting for ``reason`` (``throttled``, ``outside_window``)
+    of an organization or a sequence due now: what they wait for changed (a limit lifted, a
+    window removed), and the instant they were given was computed from the old one. The
+    worker decides again; those still held back wait again."""
+    query = update(Enrollment).where(
+        Enrollment.status == "active",
+        Enrollment.waiting_reason == reason,
+        Enrollment.next_step_at > now,
+    )
+    if org_id is not None:
+        query = query.where(Enrollment.org_id == org_id)
+    if sequence_id is not None:
+        query = query.where(Enrollment.sequence_id == sequence_id)
+    result = await session.execute(
+        query.values(next_step_at=now, waiting_reason=None, updated_at=now).execution_options(
+            synchronize_session=False
+        )
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def list_enrollments(

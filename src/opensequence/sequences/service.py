@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.clock import minutes_after
 from opensequence.db.types import iso, new_id
+from opensequence.enrollments.repository import wake_waiting
 from opensequence.errors import Conflict, Invalid, NotFound
 from opensequence.filters import CompositeFilter, all_contacts_output, stored_filter
 from opensequence.mail.templates import TemplateSyntaxError, compile_template
@@ -196,6 +197,8 @@ async def update_sequence(
         sequence.filter = _stored_filter(body.filter)
     if "send_window" in given:
         sequence.send_window = body.send_window.model_dump() if body.send_window else None
+        # Sends waiting for the old window were given its next opening; null means any time.
+        await wake_waiting(session, "outside_window", now, sequence_id=sequence.id)
     if body.is_continuous is not None:
         sequence.is_continuous = body.is_continuous
     if becomes_continuous:
