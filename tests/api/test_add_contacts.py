@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import string
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
@@ -193,6 +196,24 @@ async def test_error_paths_answer_errordto_and_write_nothing(
     )
     too_many = [{"email": f"u{i}@example.com"} for i in range(10_001)]
     assert_error(await add(tenant.client, sequence, too_many), 413, "10000")
+    assert await table_counts(app) == baseline
+
+
+@pytest.mark.parametrize("field", ["email", "phone_number"])
+async def test_an_identifier_too_long_for_postgresql_to_index_is_a_400(
+    app: FastAPI, tenant: Tenant, backend: str, field: str
+) -> None:
+    """SPEC §4: any length is accepted. SQLite stores it; PostgreSQL's unique indexes cannot
+    hold an entry over ~2,700 bytes once compressed, which was a 500."""
+    sequence = await create_sequence(tenant.client)
+    noise = "".join(random.Random(7).choices(string.ascii_letters + string.digits, k=8000))
+    value = f"{noise}@example.com" if field == "email" else f"+{noise}"
+    baseline = await table_counts(app)
+    response = await add(tenant.client, sequence, [{"email": "ok@example.com"}, {field: value}])
+    if backend == "sqlite":
+        assert response.status_code == 200, response.text
+        return
+    assert_error(response, 400, "too long to store on PostgreSQL")
     assert await table_counts(app) == baseline
 
 
