@@ -281,6 +281,29 @@ async def test_domain_and_address_limits_both_apply(
     assert len(sink.sink.received) == 7
 
 
+async def test_a_failed_attempt_does_not_count_against_a_limit(
+    db: Database, settings: Settings, clock: ManualClock, tenant: Tenant
+) -> None:
+    """per_day 3, three sends greylisted once each (451): nothing went out, yet each record
+    waiting for its retry counted as a send, so the retries, held back by themselves, waited a
+    whole day (past the default retry horizon)."""
+    with SinkServer(Sink(lambda n: "451 4.7.1 greylisted" if n < 3 else None)) as server:
+        worker = make_worker(db, settings.model_copy(update={"mail_url": server.url}), clock)
+        await tenant.client.put("/sender-limits/example.com", json={"per_day": 3})
+        org = tenant.org_id
+        contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(3)])
+        sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+        await enroll(db, org, sequence_id, contacts, now=clock.now())
+        await worker.drain()
+        assert server.sink.received == []
+        clock.advance(minutes=5)  # past every retry's backoff (at most 60 s for a first one)
+        await worker.drain()
+        await worker.transport.aclose()
+        assert len(server.sink.received) == 3
+        sent = await messages_for(db, sequence_id=sequence_id)
+        assert [(m.status, m.attempts, m.reason) for m in sent] == [("sent", 2, None)] * 3
+
+
 @pytest.mark.parametrize("lift", ["delete", "raise"])
 async def test_a_send_waiting_for_a_limit_goes_out_once_the_limit_is_lifted(
     app: FastAPI,

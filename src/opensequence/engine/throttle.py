@@ -1,10 +1,12 @@
 """Per-sender throttles (SPEC §5): never more than N sends of one sender in any window of a
 second, a minute or a day, counted across every worker.
 
-A send's time is its ``sent_at`` once sent, and while it is ``sending`` (reserved, in flight,
-or waiting for a retry) the ``updated_at`` of its record, which the claim transaction sets when
-it reserves the send. Counting ``sending`` rows is what lets concurrent workers see each other:
-a reservation is visible the moment the claim transaction commits, before the provider call.
+A send's time is its ``sent_at`` once sent, and while it is ``sending`` (reserved or in
+flight) the ``updated_at`` of its record, which the claim transaction sets when it reserves the
+send. A record waiting for a retry (``sending`` with the failed attempt's ``reason``) does not
+count: nothing went out, and reserving the retry clears its reason. Counting ``sending`` rows
+is what lets concurrent workers see each other: a reservation is visible the moment the claim
+transaction commits, before the provider call.
 
 Atomicity (the hazard is two workers both counting 9 of 10 and both sending): on PostgreSQL the
 claim transaction takes ``pg_advisory_xact_lock`` on every limited (organization, sender) it is
@@ -72,6 +74,14 @@ def _lock_id(org_id: uuid.UUID, sender: str) -> int:
 def _sent_time() -> Any:
     m = MESSAGES.c
     return case((m.status == "sent", m.sent_at), else_=m.updated_at)
+
+
+def _counted() -> Any:
+    """The records that count: sent, or reserved and not yet answered. A ``sending`` record
+    with a ``reason`` waits for a retry after a failed attempt: nothing went out, and counting
+    it held its own retry back (and the others') for a whole window."""
+    m = MESSAGES.c
+    return or_(m.status == "sent", and_(m.status == "sending", m.reason.is_(None)))
 
 
 def _from_sender(sender: str) -> Any:
@@ -171,7 +181,7 @@ async def _usage(
             select(*columns).where(
                 m.org_id == org_id,
                 m.updated_at > now - widest,
-                m.status.in_(("sending", "sent")),
+                _counted(),
                 or_(*(_from_sender(sender) for sender in senders)),
                 at > now - widest,
             )
@@ -200,7 +210,7 @@ async def _frees_at(
         select(at)
         .where(
             m.org_id == org_id,
-            m.status.in_(("sending", "sent")),
+            _counted(),
             m.updated_at > now - span,
             _from_sender(sender),
             at > now - span,
@@ -214,10 +224,12 @@ async def _frees_at(
 
 async def reserve(session: AsyncSession, message_ids: Iterable[uuid.UUID], now: datetime) -> None:
     """Stamp reused ``sending`` records (a retry, a resend after a crash) with the time of this
-    attempt, so other workers count it in their windows."""
+    attempt and clear the last attempt's reason, so other workers count it in their windows."""
     wanted = list(message_ids)
     if wanted:
         m = MESSAGES.c
         await session.execute(
-            update(MESSAGES).where(member_of(session, m.id, wanted)).values(updated_at=now)
+            update(MESSAGES)
+            .where(member_of(session, m.id, wanted))
+            .values(updated_at=now, reason=None)
         )
