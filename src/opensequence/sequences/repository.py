@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.types import UTCDateTime
 from opensequence.filters import CompositeFilter, compile_filter
-from opensequence.models import Contact, Enrollment, Run, Sequence, SequenceStep
+from opensequence.models import Contact, Enrollment, Message, Run, Sequence, SequenceStep
 
 
 async def custom_id_taken(
@@ -210,6 +210,24 @@ async def cancel_active_enrollments(
         query = query.where(Enrollment.sequence_id == sequence_id)
     if run_id is not None:
         query = query.where(Enrollment.run_id == run_id)
+    # A send waiting for its retry (``sending`` with the failed attempt's reason) belongs to no
+    # worker: settled here, or it stayed ``sending`` for good. One in flight (no reason) is
+    # settled by its worker, which finds the enrollment canceled or records what it sent.
+    theirs = select(Enrollment.id)
+    if sequence_id is not None:
+        theirs = theirs.where(Enrollment.sequence_id == sequence_id)
+    if run_id is not None:
+        theirs = theirs.where(Enrollment.run_id == run_id)
+    await session.execute(
+        update(Message)
+        .where(
+            Message.status == "sending",
+            Message.reason.is_not(None),
+            Message.enrollment_id.in_(theirs),
+        )
+        .values(status="skipped", reason="canceled", updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
     result = await session.execute(
         query.values(
             status="canceled", next_step_at=None, waiting_reason=None, updated_at=now
