@@ -16,6 +16,7 @@ from sqlalchemy import delete, func, select, text, update
 
 from opensequence.clock import ManualClock
 from opensequence.config import Settings
+from opensequence.contacts.repository import delete_contact
 from opensequence.db import Database
 from opensequence.deliverability.service import suppress
 from opensequence.engine import repository as repo
@@ -29,6 +30,7 @@ from opensequence.models import (
     SequenceStep,
     Suppression,
 )
+from opensequence.sequences.service import cancel
 from opensequence.unsubscribe import load_secret, read_token
 from tests.engine.factories import (
     call_step,
@@ -369,6 +371,58 @@ async def test_a_cancel_committed_while_the_batch_was_prepared_stops_its_sends(
         assert (skipped.status, skipped.reason) == ("skipped", "canceled")
         assert (await enrollment(db, enrollment_id)).status == "canceled"
     assert (await enrollment(db, live)).status == "completed"
+
+
+async def test_a_contact_deleted_while_its_send_was_prepared_leaves_no_open_record(
+    db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock
+) -> None:
+    """Deleted between the claim and the send record (which the deletion's lease release made
+    the worker drop unsettled): the record stayed ``sending`` for good, with the deleted
+    contact's address (SPEC §2: history keeps only ids)."""
+    org = await make_org(db)
+    [contact] = await make_contacts(db, org, [{"email": "secret@x.org", "name": "Secret"}])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    [enrollment_id] = await enroll(db, org, sequence_id, [contact], now=clock.now())
+
+    class DeletedMeanwhile(Worker):
+        async def _plan(self, claimed: Any, loaded: Any, now: Any) -> Any:
+            async with db.transaction() as session:
+                await delete_contact(session, org, contact, now=clock.now())
+            return await super()._plan(claimed, loaded, now)
+
+    transport = transport_from_url(smtp_settings.mail_url)
+    worker = DeletedMeanwhile(db, transport, smtp_settings, clock=clock)
+    await worker.drain()
+    await transport.aclose()
+    assert sink.sink.received == []
+    [row] = await messages_of(db, enrollment_id)
+    assert (row.status, row.reason, row.to_email) == ("skipped", "canceled", None)
+    assert (await enrollment(db, enrollment_id)).status == "canceled"
+
+
+async def test_a_cancel_settles_a_send_waiting_for_its_retry(
+    db: Database, settings: Settings, clock: ManualClock
+) -> None:
+    """No worker holds a send between its retries: after a cancel it stayed ``sending`` in the
+    contact's history for good."""
+    with SinkServer(Sink(lambda n: "451 4.3.0 try later" if n == 0 else None)) as server:
+        worker = make_worker(db, settings.model_copy(update={"mail_url": server.url}), clock)
+        org = await make_org(db)
+        contacts = await make_contacts(db, org, [{"email": "a@x.org"}])
+        sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+        [enrollment_id] = await enroll(db, org, sequence_id, contacts, now=clock.now())
+        await worker.drain()
+        [waiting] = await messages_of(db, enrollment_id)
+        assert (waiting.status, waiting.reason) == ("sending", "451 4.3.0 try later")
+        async with db.transaction() as session:
+            await cancel(session, org, str(sequence_id), clock.now())
+        clock.advance(hours=1)
+        await worker.drain()
+        await worker.transport.aclose()
+        assert server.sink.received == []
+    [row] = await messages_of(db, enrollment_id)
+    assert (row.status, row.reason, row.attempts) == ("skipped", "canceled", 1)
+    assert (await enrollment(db, enrollment_id)).status == "canceled"
 
 
 async def test_a_suppression_committed_while_the_batch_was_prepared_skips_its_sends(

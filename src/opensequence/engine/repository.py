@@ -33,6 +33,7 @@ from sqlalchemy import (
     Uuid,
     any_,
     bindparam,
+    case,
     exists,
     func,
     literal_column,
@@ -610,6 +611,33 @@ async def recheck(
         )
         for row in rows
     }
+
+
+async def settle_abandoned(session: AsyncSession, ids: Iterable[uuid.UUID], now: datetime) -> None:
+    """Send records a worker wrote for a claim it has since lost to a cancel (its contact
+    deleted, its sequence or run canceled while the batch was prepared): ``skipped`` /
+    ``canceled``, and without the address once the contact is gone (a record written after the
+    deletion kept it). Only records still ``sending`` whose enrollment is no longer active: a
+    resend by another worker is left alone."""
+    wanted = list(ids)
+    if not wanted:
+        return
+    m, e, c = MESSAGES.c, ENROLLMENTS.c, CONTACTS.c
+    contact_exists = exists().where(c.id == m.contact_id)
+    await session.execute(
+        update(MESSAGES)
+        .where(
+            member_of(session, m.id, wanted),
+            m.status == "sending",
+            ~exists().where(e.id == m.enrollment_id, e.status == "active"),
+        )
+        .values(
+            status="skipped",
+            reason="canceled",
+            to_email=case((contact_exists, m.to_email), else_=None),
+            updated_at=now,
+        )
+    )
 
 
 async def finish_one_off_sequences(session: AsyncSession, now: datetime) -> list[uuid.UUID]:

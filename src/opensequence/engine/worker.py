@@ -710,6 +710,7 @@ class Worker:
             messages: list[dict[str, Any]] = []
             enrollments: list[dict[str, Any]] = []
             released: list[uuid.UUID] = []
+            abandoned: list[uuid.UUID] = []
             for item in sends:
                 suppressed = blocked.get(item.claimed.id)
                 if suppressed is not None:
@@ -717,7 +718,14 @@ class Worker:
                     enrollments.append(_advanced(item.claimed, item.next_delay, now))
                     continue
                 found = state.get(item.claimed.id)
-                if found is None or not found.mine:
+                if found is None:
+                    continue
+                if not found.mine:
+                    # Lost to a cancel or a contact deletion (which ends the lease): our send
+                    # record would stay ``sending`` for good. Lost to a lease expiry, the
+                    # enrollment is still active and the record is the new owner's.
+                    if not found.enrollment_active:
+                        abandoned.append(item.message_row)
                     continue
                 if found.enrollment_active and found.sequence_active and found.contact_exists:
                     keep.append(item)  # live by the second read (a later snapshot)
@@ -730,6 +738,7 @@ class Worker:
             await repo.update_messages(session, messages, now)
             await repo.update_enrollments(session, enrollments, worker=self.id, now=now)
             await repo.release(session, released, worker=self.id)
+            await repo.settle_abandoned(session, abandoned, now)
         if blocked:
             self._count({"skipped": len(blocked)})
         return keep
