@@ -400,11 +400,12 @@ async def test_a_contact_deleted_while_its_send_was_prepared_leaves_no_open_reco
     assert (await enrollment(db, enrollment_id)).status == "canceled"
 
 
+@pytest.mark.parametrize("ended_by", ["cancel", "contact deletion"])
 async def test_a_cancel_settles_a_send_waiting_for_its_retry(
-    db: Database, settings: Settings, clock: ManualClock
+    db: Database, settings: Settings, clock: ManualClock, ended_by: str
 ) -> None:
-    """No worker holds a send between its retries: after a cancel it stayed ``sending`` in the
-    contact's history for good."""
+    """No worker holds a send between its retries: after a cancel or the contact's deletion it
+    stayed ``sending`` in the history for good."""
     with SinkServer(Sink(lambda n: "451 4.3.0 try later" if n == 0 else None)) as server:
         worker = make_worker(db, settings.model_copy(update={"mail_url": server.url}), clock)
         org = await make_org(db)
@@ -415,7 +416,10 @@ async def test_a_cancel_settles_a_send_waiting_for_its_retry(
         [waiting] = await messages_of(db, enrollment_id)
         assert (waiting.status, waiting.reason) == ("sending", "451 4.3.0 try later")
         async with db.transaction() as session:
-            await cancel(session, org, str(sequence_id), clock.now())
+            if ended_by == "cancel":
+                await cancel(session, org, str(sequence_id), clock.now())
+            else:
+                await delete_contact(session, org, contacts[0], now=clock.now())
         clock.advance(hours=1)
         await worker.drain()
         await worker.transport.aclose()

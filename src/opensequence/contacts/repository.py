@@ -21,6 +21,7 @@ from sqlalchemy import (
     Uuid,
     and_,
     bindparam,
+    case,
     delete,
     or_,
     select,
@@ -306,9 +307,17 @@ async def delete_contact(
             updated_at=now,
         )
     )
+    # A send waiting for its retry belongs to no worker: settled here (skipped, canceled), or it
+    # stayed ``sending`` for good. One in flight is settled by its worker.
+    retrying = and_(Message.status == "sending", Message.reason.is_not(None))
     await session.execute(
         update(Message)
         .where(Message.org_id == org_id, Message.contact_id == contact_id)
-        .values(to_email=None, updated_at=now)
+        .values(
+            to_email=None,
+            status=case((retrying, "skipped"), else_=Message.status),
+            reason=case((retrying, "canceled"), else_=Message.reason),
+            updated_at=now,
+        )
     )
     await session.execute(delete(Contact).where(Contact.org_id == org_id, Contact.id == contact_id))
