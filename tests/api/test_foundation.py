@@ -103,6 +103,16 @@ async def test_unknown_route_is_404_and_wrong_method_is_405(tenant: Tenant) -> N
     response = await tenant.client.delete("/healthz")
     assert_error(response, 405)
     assert response.headers["allow"] == "GET"
+    # Every method of the path, not only those of the first route that matched it.
+    for method, path, allowed in (
+        ("DELETE", "/sequences", "GET, POST"),
+        ("POST", "/sequences/x", "GET, PATCH"),
+        ("POST", "/contacts/x", "DELETE, GET, PATCH"),
+        ("POST", "/sender-limits/x", "DELETE, PUT"),
+    ):
+        response = await tenant.client.request(method, path)
+        assert_error(response, 405)
+        assert response.headers["allow"] == allowed, (method, path)
 
 
 async def test_body_over_16_mib_is_413(tenant: Tenant) -> None:

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 
 from opensequence.errors import AppError
 
@@ -77,6 +78,24 @@ def validation_message(errors: list[dict[str, Any]] | Any) -> str:
     return text[:2000]
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method of every route matching the path (RFC 9110 §15.5.6). Starlette's 405 names
+    only the first route that matched the path: ``GET, POST /sequences`` answered a ``DELETE``
+    with ``Allow: POST``. Each method is tried against the routes (the public ``matches``;
+    included routers nest theirs)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:
@@ -88,13 +107,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
         if exc.status_code == 404:
             message = f"Cannot {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
+            headers["Allow"] = ", ".join(_allowed_methods(request))
         else:
             message = str(exc.detail) if exc.detail else reason(exc.status_code)
-        return error_response(exc.status_code, message, dict(exc.headers or {}))
+        return error_response(exc.status_code, message, headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
