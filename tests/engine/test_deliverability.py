@@ -369,6 +369,43 @@ async def test_a_send_waiting_for_a_window_goes_out_once_the_window_is_removed(
     assert [str(m["To"]) for m in sink.sink.received] == ["a@x.org"]
 
 
+async def test_edited_delays_apply_to_contacts_waiting_for_their_step(
+    app: FastAPI, db: Database, worker: Worker, sink: SinkServer, clock: ManualClock, tenant: Tenant
+) -> None:
+    """SPEC §3: steps a contact has not reached run as edited. A contact waiting out a step's
+    delay kept the wait computed from the old delay (7 days where the step now says 1), and
+    one whose step was removed waited for it anyway."""
+    app.state.clock = clock
+    steps = [email_step(subject="A"), email_step(subject="B", delay=7 * 1440)]
+    created = await tenant.client.post("/sequences", json={"name": "s", "steps": steps})
+    sequence_id = created.json()["id"]
+    await tenant.client.post(
+        f"/sequences/{sequence_id}/contacts", json={"contacts": [{"email": "a@x.org"}]}
+    )
+    await worker.drain()
+    sent_at = clock.now()
+    path = f"/sequences/{sequence_id}/enrollments"
+    clock.advance(hours=1)
+    steps[1] = email_step(subject="B", delay=1440)
+    steps.append(email_step(subject="C", delay=60))
+    patched = await tenant.client.patch(f"/sequences/{sequence_id}", json={"steps": steps})
+    assert patched.status_code == 200, patched.text
+    [waiting] = (await tenant.client.get(path)).json()["items"]
+    assert waiting["next_step_at"] == iso(sent_at + timedelta(days=1))
+
+    clock.set(sent_at + timedelta(days=1))
+    await worker.drain()
+    assert [m["Subject"] for m in sink.sink.received] == ["A", "B"]
+    patched = await tenant.client.patch(f"/sequences/{sequence_id}", json={"steps": steps[:2]})
+    assert patched.status_code == 200, patched.text
+    [due] = (await tenant.client.get(path)).json()["items"]
+    assert (due["status"], due["next_step_at"]) == ("active", iso(clock.now()))
+    await worker.drain()
+    [done] = (await tenant.client.get(path)).json()["items"]
+    assert done["status"] == "completed"
+    assert [m["Subject"] for m in sink.sink.received] == ["A", "B"]
+
+
 # ------------------------------------------------------------------------------ send windows
 
 

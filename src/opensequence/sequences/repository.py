@@ -11,6 +11,7 @@ from sqlalchemy import (
     ColumnElement,
     Integer,
     Uuid,
+    bindparam,
     cast,
     delete,
     exists,
@@ -22,6 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from opensequence.clock import minutes_after
 from opensequence.db.types import UTCDateTime
 from opensequence.filters import CompositeFilter, compile_filter
 from opensequence.models import Contact, Enrollment, Message, Run, Sequence, SequenceStep
@@ -55,12 +57,14 @@ async def load_steps(
 
 async def replace_steps(
     session: AsyncSession, sequence_id: uuid.UUID, steps: list[dict[str, Any]]
-) -> None:
-    """Give the sequence exactly ``steps`` (``action``, ``delay_in_minutes``).
+) -> dict[int, float]:
+    """Give the sequence exactly ``steps`` (``action``, ``delay_in_minutes``); returns the
+    delays it had, by position.
 
     Positions that still exist keep their ``started_at``/``ended_at`` (their history); rows past
     the new length are deleted. Enrollments keep their ``current_step`` untouched, so contacts
-    keep their position and run the steps they have not reached yet as edited.
+    keep their position and run the steps they have not reached yet as edited (for the waits
+    already computed, see :func:`reschedule_waiting`).
     """
     existing = {
         row.step_index: row
@@ -68,6 +72,7 @@ async def replace_steps(
             select(SequenceStep).where(SequenceStep.sequence_id == sequence_id)
         )
     }
+    delays = {index: float(row.delay_in_minutes) for index, row in existing.items()}
     await session.execute(
         delete(SequenceStep).where(
             SequenceStep.sequence_id == sequence_id, SequenceStep.step_index >= len(steps)
@@ -83,6 +88,62 @@ async def replace_steps(
             row.delay_in_minutes = step["delay_in_minutes"]
     if new_rows:
         await session.execute(insert(SequenceStep), new_rows)
+    return delays
+
+
+async def reschedule_waiting(
+    session: AsyncSession,
+    sequence_id: uuid.UUID,
+    old: dict[int, float],
+    new: list[float],
+    now: datetime,
+) -> int:
+    """After an edit of the steps: an enrollment still waiting out the delay of a step it has
+    not reached (no ``waiting_reason``, due later) waits as the edited step says, from the same
+    start (``next_step_at`` moves by the change of that delay, and is due now at the earliest);
+    one whose step is gone is due now, to complete. Waits for a retry, a throttle or a window
+    are left as they are. Returns how many moved."""
+    moved = 0
+    for index, delay in old.items():
+        if index < len(new) and new[index] == delay:
+            continue
+        rows = (
+            await session.execute(
+                select(Enrollment.id, Enrollment.next_step_at).where(
+                    Enrollment.sequence_id == sequence_id,
+                    Enrollment.status == "active",
+                    Enrollment.current_step == index,
+                    Enrollment.waiting_reason.is_(None),
+                    Enrollment.next_step_at > now,
+                )
+            )
+        ).all()
+        changes = [
+            {
+                "b_id": row.id,
+                "b_next_at": (
+                    now
+                    if index >= len(new)
+                    else max(now, minutes_after(row.next_step_at, new[index] - delay))
+                ),
+            }
+            for row in rows
+        ]
+        if changes:
+            table: Any = Enrollment.__table__
+            await session.execute(
+                update(table)
+                .where(
+                    table.c.id == bindparam("b_id"),
+                    table.c.status == "active",
+                    table.c.current_step == index,
+                    table.c.waiting_reason.is_(None),
+                )
+                .values(next_step_at=bindparam("b_next_at", type_=UTCDateTime()), updated_at=now),
+                changes,
+            )
+        moved += len(changes)
+    return moved
 
 
 async def list_sequences(

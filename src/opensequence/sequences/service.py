@@ -164,8 +164,8 @@ async def update_sequence(
     """Apply only the fields present in the body (no defaults re-applied).
 
     Steps may change while active: contacts keep their step index, and steps they have not
-    reached run as edited. A waiting contact's already computed ``next_step_at`` is kept: a new
-    delay applies from the next scheduling on.
+    reached run as edited, their delays included: a contact waiting out the delay of the step
+    it is at waits as the edited step says (:func:`repository.reschedule_waiting`).
     """
     given = body.model_fields_set
     for field in _NOT_NULL:
@@ -207,7 +207,9 @@ async def update_sequence(
     sequence.updated_at = now
     await _flush_translating_conflicts(session, body.custom_id)
     if body.steps is not None:
-        await repository.replace_steps(session, sequence.id, _step_rows(body.steps))
+        old = await repository.replace_steps(session, sequence.id, _step_rows(body.steps))
+        delays = [float(step.delay_in_minutes) for step in body.steps]
+        await repository.reschedule_waiting(session, sequence.id, old, delays, now)
     return sequence
 
 
