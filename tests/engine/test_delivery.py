@@ -347,6 +347,34 @@ async def test_cancel_and_contact_deletion_stop_further_sends(
         assert [r.step_index for r in await messages_of(db, enrollment_id)] == [0]
 
 
+async def test_a_canceled_one_off_sequence_ends_the_steps_no_one_can_reach(
+    db: Database, worker: Worker, sink: SinkServer, clock: ManualClock
+) -> None:
+    """SPEC §3: a step's ended_at is set when no enrollment can still reach it. Canceled, none
+    can reach any, yet the steps after the one reached never got it."""
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": "a@x.org"}])
+    steps = [email_step(), email_step(delay=60)]
+    sequence_id = await make_sequence(db, org, steps, started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    await worker.drain()
+    first_ended = clock.now()  # no one is before step 1 any more
+    async with db.transaction() as session:
+        await cancel(session, org, str(sequence_id), clock.now())
+    clock.advance(minutes=1)
+    await worker.drain()
+    async with db.transaction() as session:
+        stamps = (
+            await session.execute(
+                select(SequenceStep.started_at, SequenceStep.ended_at)
+                .where(SequenceStep.sequence_id == sequence_id)
+                .order_by(SequenceStep.step_index)
+            )
+        ).all()
+    assert [started is not None for started, _ in stamps] == [True, False]
+    assert [ended for _, ended in stamps] == [first_ended, clock.now()]
+
+
 async def test_a_cancel_committed_while_the_batch_was_prepared_stops_its_sends(
     db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock
 ) -> None:

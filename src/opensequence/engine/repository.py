@@ -666,8 +666,11 @@ async def finish_one_off_sequences(session: AsyncSession, now: datetime) -> list
     reachable = exists().where(
         e.sequence_id == st.sequence_id, e.status == "active", e.current_step <= st.step_index
     )
+    # A canceled one's steps too: once canceled, no enrollment can reach any of them.
     one_off = select(s.id).where(
-        s.is_continuous.is_(False), s.status.in_(("active", "complete")), s.started_at.is_not(None)
+        s.is_continuous.is_(False),
+        s.status.in_(("active", "complete", "canceled")),
+        s.started_at.is_not(None),
     )
     await session.execute(
         update(STEPS)
