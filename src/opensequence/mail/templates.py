@@ -100,7 +100,7 @@ OUTPUT_LIMIT = 4 * 1024 * 1024  # bytes a render may write (Liquid's output stre
 # node, where the CPU budget is not looked at; ``s | replace: "x", s`` over a 12 kB string made
 # a 144-million-character one. So every filter spends a step of the budget, and refuses to make
 # an integer of more than MAX_INTEGER_BITS, a string of more than OUTPUT_LIMIT characters or a
-# list of more than MAX_RANGE items (``replace`` and ``split`` before they make it).
+# list of more than MAX_RANGE items (``replace``, ``join`` and ``split`` before they make it).
 MAX_INTEGER_BITS = 4096
 
 
@@ -125,6 +125,18 @@ def _replace_would_make(value: object, old: object = "", new: object = "", *_: o
         raise _too_big(f"a string of more than {OUTPUT_LIMIT:,} characters")
 
 
+def _join_would_make(value: object, separator: object = " ", *_: object) -> None:
+    """``join`` of a list: its items and separators, counted before they are joined (a list of
+    5,000 empty items joined by a 150,000-character separator made 750 MB)."""
+    if not isinstance(value, list | tuple) or not value:
+        return
+    length = len(str(separator)) * (len(value) - 1)
+    for item in value:
+        length += len(item) if isinstance(item, str) else len(str(item))
+        if length > OUTPUT_LIMIT:
+            raise _too_big(f"a string of more than {OUTPUT_LIMIT:,} characters")
+
+
 def _split_would_make(value: object, separator: object = "", *_: object) -> None:
     text, separator = str(value), str(separator)
     if (text.count(separator) if separator else len(text)) >= MAX_RANGE:
@@ -132,6 +144,7 @@ def _split_would_make(value: object, separator: object = "", *_: object) -> None
 
 
 _BEFORE: dict[str, Callable[..., None]] = {
+    "join": _join_would_make,
     "replace": _replace_would_make,
     "split": _split_would_make,
 }
