@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import mailbox
+import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -20,6 +21,7 @@ from opensequence.contacts.repository import delete_contact
 from opensequence.db import Database
 from opensequence.deliverability.service import suppress
 from opensequence.engine import repository as repo
+from opensequence.engine import worker as worker_module
 from opensequence.engine.worker import Worker
 from opensequence.mail.transports import transport_from_url
 from opensequence.models import (
@@ -888,6 +890,36 @@ async def test_a_step_that_raises_while_decided_waits_alone_and_the_batch_goes_o
         "poison@x.org",
     ]
     assert (await enrollment(db, poisoned)).status == "completed"
+
+
+async def test_a_render_slow_on_the_event_loop_sends_the_rest_of_its_step_off_it(
+    db: Database,
+    worker: Worker,
+    sink: SinkServer,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A short template without a loop may still be slow (filters over long values, up to the
+    render's CPU budget): once one render of a step takes longer than INLINE_RENDER_SECONDS on
+    the event loop, the rest of the step's batch renders on the worker's thread."""
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(3)])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    monkeypatch.setattr(worker_module, "INLINE_RENDER_SECONDS", 0.0)
+    inline = 0
+    decide = Worker._decide
+
+    def counted(self: Worker, *args: Any) -> Any:
+        nonlocal inline
+        inline += threading.current_thread() is threading.main_thread()
+        return decide(self, *args)
+
+    monkeypatch.setattr(Worker, "_decide", counted)
+    await worker.drain()
+    await worker.transport.aclose()
+    assert len(sink.sink.received) == 3
+    assert inline == 1  # the first; the two others on the worker's thread
 
 
 async def test_a_delay_beyond_the_last_datetime_waits_for_ever_and_sends_nothing_twice(

@@ -97,6 +97,9 @@ RENDER_BUDGET = 32 * 1024 * 1024
 # event loop (see Worker._off_loop): ~2 ms of quoted-printable, text extraction and header
 # encoding and up, per message.
 OFF_LOOP_MAIL_CHARS = 16 * 1024
+# A render taking longer than this on the event loop sends the rest of its step's batch off it
+# (a render costs ~40-70 us; one may take up to the CPU budget of mail.templates).
+INLINE_RENDER_SECONDS = 0.005
 # The interpreter's switch interval once work runs off the loop (see Worker._off_loop).
 OFF_LOOP_SWITCH_SECONDS = 0.001
 # The longest wait of an enrollment whose step raised while it was decided (see Worker._plan):
@@ -477,7 +480,14 @@ class Worker:
         key = (item.sequence_id, item.current_step)
         if key not in slow:
             slow[key] = _renders_slowly(step)
-        decision = await self._off_loop(decide) if slow[key] else decide()
+        if slow[key]:
+            decision = await self._off_loop(decide)
+        else:
+            started = time.thread_time()
+            decision = decide()
+            # Short templates without loops may still be slow (filters over long values, up to
+            # the render's CPU budget): the rest of this step's batch then renders off the loop.
+            slow[key] = time.thread_time() - started > INLINE_RENDER_SECONDS
         rendered = 0
         if decision.rendered is not None:
             rendered = len(decision.rendered["subject"]) + len(decision.rendered["body"])

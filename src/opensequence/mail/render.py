@@ -128,16 +128,12 @@ _TAG = re.compile(r"{%(.*?)%}", re.DOTALL)
 _OUTPUT = re.compile(r"{{(.*?)}}", re.DOTALL)
 _LOOP = re.compile(r"\b(?:for|tablerow)\b")
 _RANGE = re.compile(r"\([^()]*\.\.")
-# What builds large values without a loop: ``replace`` multiplies a string's length (up to the
-# 4 Mi characters a filter may make), and ``assign``/``capture`` chains double one.
-_GROWS = re.compile(r"\b(?:replace|assign|capture)\b")
 
 
 def may_be_slow(source: str) -> bool:
     """Whether rendering ``source`` may take long: it has :data:`SLOW_TEMPLATE_CHARS`
     characters or more, or a ``for`` or ``tablerow`` loop or a range ``(a..b)`` inside a
-    ``{% %}`` (the lines of a ``liquid`` tag included), or a range inside a ``{{ }}``, or
-    ``replace``, ``assign`` or ``capture`` in either (:data:`_GROWS`). (Ranges
+    ``{% %}`` (the lines of a ``liquid`` tag included), or a range inside a ``{{ }}``. (Ranges
     of up to 100,000 items, joined in output after output, keep a render going until its CPU
     budget runs out: :data:`~opensequence.mail.templates.RENDER_CPU_SECONDS`.) A caller that
     shares its event loop renders such a template on another thread. A false alarm (the word
@@ -145,7 +141,6 @@ def may_be_slow(source: str) -> bool:
     template and batch, not per message."""
     if len(source) >= SLOW_TEMPLATE_CHARS:
         return True
-    tags = _TAG.findall(source)
-    if any(_LOOP.search(tag) or _RANGE.search(tag) or _GROWS.search(tag) for tag in tags):
+    if any(_LOOP.search(tag) or _RANGE.search(tag) for tag in _TAG.findall(source)):
         return True
-    return any(_RANGE.search(out) or _GROWS.search(out) for out in _OUTPUT.findall(source))
+    return any(_RANGE.search(output) for output in _OUTPUT.findall(source))
