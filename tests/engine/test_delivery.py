@@ -430,6 +430,36 @@ async def test_a_contact_deleted_while_its_send_was_prepared_leaves_no_open_reco
     assert (await enrollment(db, enrollment_id)).status == "canceled"
 
 
+async def test_a_retry_whose_contact_is_deleted_while_prepared_stays_settled(
+    db: Database, settings: Settings, clock: ManualClock
+) -> None:
+    """The deletion settles the waiting record (skipped, canceled); reserving the claimed retry
+    right after cleared its reason, leaving ``skipped`` with no reason."""
+    with SinkServer(Sink(lambda n: "451 4.3.0 try later" if n == 0 else None)) as server:
+        smtp = settings.model_copy(update={"mail_url": server.url})
+        org = await make_org(db)
+        [contact] = await make_contacts(db, org, [{"email": "secret@x.org"}])
+        sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+        [enrollment_id] = await enroll(db, org, sequence_id, [contact], now=clock.now())
+        first = make_worker(db, smtp, clock)
+        await first.drain()
+        await first.transport.aclose()
+        clock.advance(hours=1)
+
+        class DeletedMeanwhile(Worker):
+            async def _plan(self, claimed: Any, loaded: Any, now: Any) -> Any:
+                async with db.transaction() as session:
+                    await delete_contact(session, org, contact, now=clock.now())
+                return await super()._plan(claimed, loaded, now)
+
+        transport = transport_from_url(server.url)
+        await DeletedMeanwhile(db, transport, smtp, clock=clock).drain()
+        await transport.aclose()
+        assert server.sink.received == []
+    [row] = await messages_of(db, enrollment_id)
+    assert (row.status, row.reason, row.to_email) == ("skipped", "canceled", None)
+
+
 @pytest.mark.parametrize("ended_by", ["cancel", "contact deletion"])
 async def test_a_cancel_settles_a_send_waiting_for_its_retry(
     db: Database, settings: Settings, clock: ManualClock, ended_by: str

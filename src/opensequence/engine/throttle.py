@@ -224,12 +224,14 @@ async def _frees_at(
 
 async def reserve(session: AsyncSession, message_ids: Iterable[uuid.UUID], now: datetime) -> None:
     """Stamp reused ``sending`` records (a retry, a resend after a crash) with the time of this
-    attempt and clear the last attempt's reason, so other workers count it in their windows."""
+    attempt and clear the last attempt's reason, so other workers count it in their windows.
+    Only while still ``sending``: a cancel or a contact deletion may have settled one since the
+    claim (``skipped``, ``canceled``), and its reason stays."""
     wanted = list(message_ids)
     if wanted:
         m = MESSAGES.c
         await session.execute(
             update(MESSAGES)
-            .where(member_of(session, m.id, wanted))
+            .where(member_of(session, m.id, wanted), m.status == "sending")
             .values(updated_at=now, reason=None)
         )
