@@ -112,7 +112,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"Cannot {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
-            headers["Allow"] = ", ".join(_allowed_methods(request))
+            # Outside the API's routes (the docs assets' mount) Starlette's own answer stands.
+            headers["Allow"] = ", ".join(_allowed_methods(request)) or headers.get("Allow", "")
         else:
             message = str(exc.detail) if exc.detail else reason(exc.status_code)
         return error_response(exc.status_code, message, headers)
