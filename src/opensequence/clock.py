@@ -8,7 +8,7 @@ from typing import Protocol
 # Step delays are at most this long (the API refuses longer ones): a century, which keeps every
 # moment the engine computes far inside the range of a datetime.
 MAX_DELAY_MINUTES = 100 * 36_525 * 24 * 60
-_LATEST = datetime.max.replace(tzinfo=UTC)
+LATEST = datetime.max.replace(tzinfo=UTC)
 
 
 def minutes_after(moment: datetime, minutes: float) -> datetime:
@@ -18,7 +18,7 @@ def minutes_after(moment: datetime, minutes: float) -> datetime:
     try:
         return moment + timedelta(minutes=minutes)
     except OverflowError:
-        return _LATEST
+        return LATEST
 
 
 class Clock(Protocol):

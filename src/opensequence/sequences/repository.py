@@ -12,6 +12,7 @@ from sqlalchemy import (
     Integer,
     Uuid,
     bindparam,
+    case,
     cast,
     delete,
     exists,
@@ -23,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opensequence.clock import minutes_after
+from opensequence.clock import LATEST, minutes_after
 from opensequence.db.types import UTCDateTime
 from opensequence.filters import CompositeFilter, compile_filter
 from opensequence.models import Contact, Enrollment, Message, Run, Sequence, SequenceStep
@@ -102,48 +103,65 @@ async def reschedule_waiting(
     not reached (no ``waiting_reason``, due later) waits as the edited step says, from the same
     start (``next_step_at`` moves by the change of that delay, and is due now at the earliest);
     one whose step is gone is due now, to complete. Waits for a retry, a throttle or a window
-    are left as they are. Returns how many moved."""
-    moved = 0
-    for index, delay in old.items():
-        if index < len(new) and new[index] == delay:
-            continue
-        rows = (
-            await session.execute(
-                select(Enrollment.id, Enrollment.next_step_at).where(
-                    Enrollment.sequence_id == sequence_id,
-                    Enrollment.status == "active",
-                    Enrollment.current_step == index,
-                    Enrollment.waiting_reason.is_(None),
-                    Enrollment.next_step_at > now,
-                )
-            )
-        ).all()
-        changes = [
-            {
-                "b_id": row.id,
-                "b_next_at": (
-                    now
-                    if index >= len(new)
-                    else max(now, minutes_after(row.next_step_at, new[index] - delay))
+    are left as they are. Returns how many moved.
+
+    PostgreSQL moves them in one ``UPDATE``. SQLite, whose date-times are text, reads them and
+    writes each one back (its single writer is held meanwhile: ~1-2 s per 100,000 waiting)."""
+    changed = {
+        index: (None if index >= len(new) else new[index] - delay)
+        for index, delay in old.items()
+        if index >= len(new) or new[index] != delay
+    }
+    if not changed:
+        return 0
+    table: Any = Enrollment.__table__
+    e = table.c
+    waiting = (
+        e.sequence_id == sequence_id,
+        e.status == "active",
+        e.current_step.in_(sorted(changed)),
+        e.waiting_reason.is_(None),
+        e.next_step_at > now,
+    )
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        shifts = {index: minutes * 60 for index, minutes in changed.items() if minutes is not None}
+        moved_to: Any = bindparam("now")  # a step removed: due now, to complete
+        if shifts:
+            seconds = case(shifts, value=e.current_step)
+            shifted = e.next_step_at + func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+            moved_to = case(
+                (
+                    e.current_step.in_(sorted(shifts)),
+                    func.least(func.greatest(shifted, bindparam("now")), bindparam("latest")),
                 ),
-            }
-            for row in rows
-        ]
-        if changes:
-            table: Any = Enrollment.__table__
-            await session.execute(
-                update(table)
-                .where(
-                    table.c.id == bindparam("b_id"),
-                    table.c.status == "active",
-                    table.c.current_step == index,
-                    table.c.waiting_reason.is_(None),
-                )
-                .values(next_step_at=bindparam("b_next_at", type_=UTCDateTime()), updated_at=now),
-                changes,
+                else_=bindparam("now"),
             )
-        moved += len(changes)
-    return moved
+        statement = update(table).where(*waiting)
+        moved = await session.execute(
+            statement.values(next_step_at=moved_to, updated_at=bindparam("now")),
+            {"now": now, "latest": LATEST},
+        )
+        return int(moved.rowcount)  # type: ignore[attr-defined]
+    query = select(e.id, e.current_step, e.next_step_at).where(*waiting)
+    rows = (await session.execute(query)).all()
+    changes = []
+    for row in rows:
+        minutes = changed[row.current_step]
+        moved_to = now if minutes is None else max(now, minutes_after(row.next_step_at, minutes))
+        changes.append({"b_id": row.id, "b_step": row.current_step, "b_next_at": moved_to})
+    if changes:
+        await session.execute(
+            update(table)
+            .where(
+                e.id == bindparam("b_id"),
+                e.status == "active",
+                e.current_step == bindparam("b_step"),
+                e.waiting_reason.is_(None),
+            )
+            .values(next_step_at=bindparam("b_next_at", type_=UTCDateTime()), updated_at=now),
+            changes,
+        )
+    return len(changes)
 
 
 async def list_sequences(
