@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -111,6 +111,18 @@ def normalise_sender(sender: str) -> str:
     return value.lower()
 
 
+# A throttled send waits at most the widest window (per_day, SPEC §5) from when it was held.
+_LONGEST_THROTTLE_WAIT = timedelta(days=1, minutes=1)
+
+
+async def _wake_throttled(session: AsyncSession, org_id: uuid.UUID, now: datetime) -> None:
+    """The organization's throttled sends contend again under the changed limits. There is no
+    index on the organization: the due index's next day is read instead of the whole table."""
+    await wake_waiting(
+        session, "throttled", now, org_id=org_id, due_by=now + _LONGEST_THROTTLE_WAIT
+    )
+
+
 async def put_sender_limit(
     session: AsyncSession,
     org_id: uuid.UUID,
@@ -120,7 +132,7 @@ async def put_sender_limit(
 ) -> SenderLimit:
     key = normalise_sender(sender)
     await repo.upsert_sender_limit(session, org_id, key, limits, now)
-    await wake_waiting(session, "throttled", now, org_id=org_id)  # they contend again
+    await _wake_throttled(session, org_id, now)
     found = await repo.get_sender_limit(session, org_id, key)
     assert found is not None
     await session.refresh(found)
@@ -140,7 +152,7 @@ async def delete_sender_limit(
     """SPEC §5: a send waiting for a limit goes out once the limit is lifted."""
     if not await repo.delete_sender_limit(session, org_id, normalise_sender(sender)):
         raise NotFound(f"no sender limit for {sender!r}")
-    await wake_waiting(session, "throttled", now, org_id=org_id)
+    await _wake_throttled(session, org_id, now)
 
 
 async def list_sender_limits(

@@ -19,16 +19,20 @@ async def wake_waiting(
     *,
     org_id: uuid.UUID | None = None,
     sequence_id: uuid.UUID | None = None,
+    due_by: datetime | None = None,
 ) -> int:
     """Make the active enrollments waiting for ``reason`` (``throttled``, ``outside_window``)
     of an organization or a sequence due now: what they wait for changed (a limit lifted, a
     window removed), and the instant they were given was computed from the old one. The
-    worker decides again; those still held back wait again."""
+    worker decides again; those still held back wait again. ``due_by`` bounds how far ahead
+    they can be due: the scan then reads that range of the due index, not the table."""
     query = update(Enrollment).where(
         Enrollment.status == "active",
         Enrollment.waiting_reason == reason,
         Enrollment.next_step_at > now,
     )
+    if due_by is not None:
+        query = query.where(Enrollment.next_step_at <= due_by)
     if org_id is not None:
         query = query.where(Enrollment.org_id == org_id)
     if sequence_id is not None:
