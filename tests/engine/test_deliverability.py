@@ -281,6 +281,18 @@ async def test_domain_and_address_limits_both_apply(
     assert len(sink.sink.received) == 7
 
 
+async def limited_sends(
+    db: Database, tenant: Tenant, clock: ManualClock, *, per_day: int, sends: int
+) -> uuid.UUID:
+    """``sends`` contacts due now in a one-step sequence from example.com, limited per day."""
+    await tenant.client.put("/sender-limits/example.com", json={"per_day": per_day})
+    org = tenant.org_id
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(sends)])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    return sequence_id
+
+
 async def test_a_failed_attempt_does_not_count_against_a_limit(
     db: Database, settings: Settings, clock: ManualClock, tenant: Tenant
 ) -> None:
@@ -289,11 +301,7 @@ async def test_a_failed_attempt_does_not_count_against_a_limit(
     whole day (past the default retry horizon)."""
     with SinkServer(Sink(lambda n: "451 4.7.1 greylisted" if n < 3 else None)) as server:
         worker = make_worker(db, settings.model_copy(update={"mail_url": server.url}), clock)
-        await tenant.client.put("/sender-limits/example.com", json={"per_day": 3})
-        org = tenant.org_id
-        contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(3)])
-        sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
-        await enroll(db, org, sequence_id, contacts, now=clock.now())
+        sequence_id = await limited_sends(db, tenant, clock, per_day=3, sends=3)
         await worker.drain()
         assert server.sink.received == []
         clock.advance(minutes=5)  # past every retry's backoff (at most 60 s for a first one)
@@ -317,11 +325,7 @@ async def test_a_send_waiting_for_a_limit_goes_out_once_the_limit_is_lifted(
     """SPEC §5: a throttled send goes out "once the window allows or the limit is lifted". It
     kept the instant computed under the old limit: a whole day for ``per_day``."""
     app.state.clock = clock
-    await tenant.client.put("/sender-limits/example.com", json={"per_day": 1})
-    org = tenant.org_id
-    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(2)])
-    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
-    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    sequence_id = await limited_sends(db, tenant, clock, per_day=1, sends=2)
     await worker.drain()
     assert len(sink.sink.received) == 1
     path = f"/sequences/{sequence_id}/enrollments"

@@ -64,6 +64,20 @@ async def enrollment(db: Database, enrollment_id: uuid.UUID) -> Enrollment:
         return found
 
 
+async def step_stamps(db: Database, sequence_id: uuid.UUID) -> list[Any]:
+    """``(started_at, ended_at)`` of the sequence's steps, in order."""
+    async with db.transaction() as session:
+        return list(
+            (
+                await session.execute(
+                    select(SequenceStep.started_at, SequenceStep.ended_at)
+                    .where(SequenceStep.sequence_id == sequence_id)
+                    .order_by(SequenceStep.step_index)
+                )
+            ).all()
+        )
+
+
 def send_record(
     org: uuid.UUID,
     sequence_id: uuid.UUID,
@@ -202,13 +216,7 @@ async def test_three_steps_delivered_in_order_rendered_with_headers(
         sequence = await session.get(Sequence, sequence_id)
         assert sequence is not None
         assert (sequence.status, sequence.ended_at) == ("complete", clock.now())
-        stamps = (
-            await session.execute(
-                select(SequenceStep.started_at, SequenceStep.ended_at)
-                .where(SequenceStep.sequence_id == sequence_id)
-                .order_by(SequenceStep.step_index)
-            )
-        ).all()
+    stamps = await step_stamps(db, sequence_id)
     start = clock.now() - timedelta(minutes=2)
     assert [s for s, _ in stamps] == [start, start + timedelta(minutes=1), clock.now()]
     assert all(e is not None for _, e in stamps)
@@ -365,14 +373,7 @@ async def test_a_canceled_one_off_sequence_ends_the_steps_no_one_can_reach(
         await cancel(session, org, str(sequence_id), clock.now())
     clock.advance(minutes=1)
     await worker.drain()
-    async with db.transaction() as session:
-        stamps = (
-            await session.execute(
-                select(SequenceStep.started_at, SequenceStep.ended_at)
-                .where(SequenceStep.sequence_id == sequence_id)
-                .order_by(SequenceStep.step_index)
-            )
-        ).all()
+    stamps = await step_stamps(db, sequence_id)
     assert [started is not None for started, _ in stamps] == [True, False]
     assert [ended for _, ended in stamps] == [first_ended, clock.now()]
 
