@@ -48,6 +48,34 @@ async def test_api_unsubscribe_suppresses_in_the_callers_organization(
     assert kept.json()["reason"] == "bounced", "an unsubscribe never weakens a bounce"
 
 
+async def test_an_unsubscribed_contact_stays_unsubscribed_at_a_new_email(tenant: Tenant) -> None:
+    """SPEC §6: an unsubscribe unsubscribes the contact. The suppression is by address, so a
+    new email (PATCH, or a POST matching the contact by phone) received marketing mail again.
+    A bounce or a manual block is about the old address and does not follow."""
+    contact_id = await new_contact(tenant, {"email": "old@example.com", "phone": "+14155550101"})
+    assert (await tenant.client.post(f"/contacts/{contact_id}/unsubscribe")).status_code == 200
+    patched = await tenant.client.patch(
+        f"/contacts/{contact_id}", json={"contact": {"email": "New@example.com"}}
+    )
+    assert patched.status_code == 200, patched.text
+    merged = await tenant.client.post(
+        "/contacts", json={"contact": {"phone": "+14155550101", "email": "third@example.com"}}
+    )
+    assert merged.status_code == 200, merged.text
+    bounced = await new_contact(tenant, {"email": "bounced@example.com"})
+    await tenant.client.post(
+        "/suppressions", json={"email": "bounced@example.com", "reason": "manual"}
+    )
+    await tenant.client.patch(f"/contacts/{bounced}", json={"contact": {"email": "b2@example.com"}})
+    listed = (await tenant.client.get("/suppressions")).json()["items"]
+    assert sorted((item["email"], item["reason"]) for item in listed) == [
+        ("New@example.com", "unsubscribed"),
+        ("bounced@example.com", "manual"),
+        ("old@example.com", "unsubscribed"),
+        ("third@example.com", "unsubscribed"),
+    ]
+
+
 async def test_signed_link_for_a_deleted_contact_still_succeeds(
     app: FastAPI, tenant: Tenant, anonymous: httpx.AsyncClient
 ) -> None:

@@ -17,6 +17,8 @@ from opensequence.contacts.lookup import get_contact
 from opensequence.contacts.repository import NewContact
 from opensequence.contacts.schemas import ContactInput, ContactOut
 from opensequence.db.types import iso, new_id, new_ids
+from opensequence.deliverability import repository as suppressions
+from opensequence.deliverability.service import suppress
 from opensequence.errors import Conflict, Invalid, NotFound
 from opensequence.models import Contact
 from opensequence.pagination import decode_cursor, encode_cursor, position_uuid
@@ -274,6 +276,27 @@ def _apply(contact: Contact, data: ContactInput, now: datetime) -> None:
     contact.updated_at = now
 
 
+# Suppressions that are the person's wish rather than a fact about an address: they follow the
+# contact to a new email (SPEC §6: an unsubscribe unsubscribes the contact).
+_PERSONAL = ("unsubscribed", "complained")
+
+
+async def _update(
+    session: AsyncSession, contact: Contact, data: ContactInput, now: datetime
+) -> None:
+    """:func:`_apply` and flush; a contact that unsubscribed (or complained) keeps that choice
+    when its email changes: the new address is suppressed the same way. It used to get
+    marketing mail again at the new address."""
+    before = contact.email_normalized
+    _apply(contact, data, now)
+    await _flush_or_conflict(session)
+    if before is None or contact.email is None or contact.email_normalized == before:
+        return
+    found = await suppressions.get_suppression(session, contact.org_id, before)
+    if found is not None and found.reason in _PERSONAL:
+        await suppress(session, contact.org_id, contact.email, found.reason, now)
+
+
 # PostgreSQL's SQLSTATE for "program limit exceeded": here an index entry over its size limit.
 _PROGRAM_LIMIT_EXCEEDED = "54000"
 
@@ -327,8 +350,7 @@ async def save_contact(
                 f"({owners[0].id} and {owners[1].id})"
             )
         if owners:
-            _apply(owners[0], data, now)
-            await _flush_or_conflict(session)
+            await _update(session, owners[0], data, now)
             return owners[0].id, False
         custom_data = _merged({}, data.custom_data or {})
         if email_key is None and phone is None:
@@ -384,8 +406,7 @@ async def update_contact(
         same_email = email_key is not None and owner.email_normalized == email_key
         field = "email" if same_email else "phone"
         raise Conflict(f"contact.{field}: belongs to another contact ({owner.id})")
-    _apply(contact, data, now)
-    await _flush_or_conflict(session)
+    await _update(session, contact, data, now)
     return contact
 
 
