@@ -12,6 +12,7 @@ from aiosmtpd.smtp import AuthResult
 
 from opensequence.mail.errors import PermanentSendError, TransientSendError
 from opensequence.mail.message import Outgoing
+from opensequence.mail.transports import smtp as smtp_module
 from opensequence.mail.transports.smtp import SmtpTransport
 from tests.engine.sink import Sink, SinkServer, free_port
 
@@ -114,10 +115,13 @@ async def test_a_refused_message_leaves_its_connection_usable_for_the_next():
     assert len(sink.peers) == 4 and len(set(sink.peers)) == 1
 
 
-def _authenticating_server(sink: Sink) -> tuple[Controller, int]:
-    """A server that takes only user/right, and wants it before MAIL (530 otherwise)."""
+def _authenticating_server(sink: Sink, logins: list[bytes] | None = None) -> tuple[Controller, int]:
+    """A server that takes only user/right, and wants it before MAIL (530 otherwise); the
+    passwords it was given go into ``logins``."""
 
     def check(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        if logins is not None:
+            logins.append(data.password)
         ok = (data.login, data.password) == (b"user", b"right")
         return AuthResult(success=ok, handled=False)
 
@@ -164,3 +168,35 @@ async def test_a_login_the_server_refuses_is_transient(
     finally:
         controller.stop()
     assert [m["Subject"] for m in sink.received] == ["2"]
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # loopback
+async def test_after_a_session_fails_to_open_none_is_tried_for_a_pause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each send of a batch opened its own session: behind a wrong password, a queue retrying
+    for a day made the server see a failed login per send and attempt."""
+    monkeypatch.setattr(smtp_module, "OPEN_PAUSE_SECONDS", 60.0)  # longer than this test
+    monkeypatch.setattr(smtp_module, "OPEN_PAUSE_MAX_SECONDS", 60.0)
+    logins: list[bytes] = []
+    controller, port = _authenticating_server(Sink(), logins)
+    controller.start()
+    try:
+        smtp = SmtpTransport(
+            host="127.0.0.1", port=port, username="user", password="wrong", tls="none"
+        )
+        with pytest.raises(TransientSendError, match=r"^no SMTP session: 535"):
+            await smtp.send(outgoing(0))
+        one_session = len(logins)  # aiosmtplib tries each AUTH mechanism the server offers
+        assert one_session >= 1
+        for n in range(1, 5):
+            with pytest.raises(TransientSendError, match=r"\(no new session for 60 s\)$"):
+                await smtp.send(outgoing(n))
+        assert len(logins) == one_session
+        monkeypatch.setattr(smtp, "_closed_until", 0.0)  # the pause is over
+        with pytest.raises(TransientSendError, match=r"^no SMTP session: 535"):
+            await smtp.send(outgoing(5))
+        assert len(logins) == 2 * one_session
+        await smtp.aclose()
+    finally:
+        controller.stop()

@@ -25,6 +25,11 @@ from opensequence.mail.errors import PermanentSendError, SendError, TransientSen
 from opensequence.mail.message import Outgoing
 from opensequence.validation import is_seed_email
 
+# The pause after a session failed to open, doubling to the longest while they keep failing
+# (see SmtpTransport._open).
+OPEN_PAUSE_SECONDS = 1.0
+OPEN_PAUSE_MAX_SECONDS = 10.0
+
 
 def classify(exc: BaseException) -> SendError:
     """The retry-policy view of an aiosmtplib (or socket) failure."""
@@ -75,6 +80,10 @@ class SmtpTransport:
         self._deadlines: dict[aiosmtplib.SMTP, float] = {}
         self._expired: set[aiosmtplib.SMTP] = set()
         self._watchdog: asyncio.Task[None] | None = None
+        # No new session before this loop time, after one failed to open (see _open).
+        self._closed_until = 0.0
+        self._closed_reason = ""
+        self._pause = 0.0
 
     async def _connect(self) -> aiosmtplib.SMTP:
         client = aiosmtplib.SMTP(
@@ -123,13 +132,30 @@ class SmtpTransport:
         """A new session, or a transient error whatever the server answered: a 5xx to EHLO,
         STARTTLS or AUTH (``535`` for a wrong password) speaks of this server and our
         configuration, not of the message or its recipient, so it must not fail the send (it
-        failed every due send of every campaign until the password was fixed)."""
+        failed every due send of every campaign until the password was fixed).
+
+        After a session fails to open, none is tried for a pause (:data:`OPEN_PAUSE_SECONDS`,
+        doubling to :data:`OPEN_PAUSE_MAX_SECONDS` while it keeps failing): every send of a
+        batch would otherwise try its own, and a queue retrying for a day behind a wrong
+        password would make the server see a failed login per send and attempt, enough to lock
+        the account."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._closed_until:
+            wait = self._closed_until - loop.time()
+            raise TransientSendError(f"{self._closed_reason} (no new session for {wait:.0f} s)")
         try:
-            return await self._connect()
+            client = await self._connect()
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 0:
-                raise TransientSendError(f"no SMTP session: {_reply(exc)}") from exc
-            raise classify(exc) from exc
+                error: SendError = TransientSendError(f"no SMTP session: {_reply(exc)}")
+            else:
+                error = classify(exc)
+            self._pause = min(max(self._pause * 2, OPEN_PAUSE_SECONDS), OPEN_PAUSE_MAX_SECONDS)
+            self._closed_until = loop.time() + self._pause
+            self._closed_reason = error.reason
+            raise error from exc
+        self._pause = 0.0
+        return client
 
     async def _sendmail(self, client: aiosmtplib.SMTP, outgoing: Outgoing) -> None:
         loop = asyncio.get_running_loop()
