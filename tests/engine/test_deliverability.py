@@ -281,6 +281,24 @@ async def test_domain_and_address_limits_both_apply(
     assert len(sink.sink.received) == 7
 
 
+async def test_a_limit_with_every_window_null_limits_nothing(
+    db: Database, worker: Worker, sink: SinkServer, clock: ManualClock, tenant: Tenant
+) -> None:
+    """SPEC §5 allows all three null. Such a limit left the throttle with no window to count:
+    the batch raised at every poll, holding back every organization's sends claimed with it."""
+    put = await tenant.client.put(
+        "/sender-limits/example.com",
+        json={"per_second": None, "per_minute": None, "per_day": None},
+    )
+    assert put.status_code == 200, put.text
+    org = tenant.org_id
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(3)])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    await worker.drain()
+    assert len(sink.sink.received) == 3
+
+
 async def limited_sends(
     db: Database, tenant: Tenant, clock: ManualClock, *, per_day: int, sends: int
 ) -> uuid.UUID:

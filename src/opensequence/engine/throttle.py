@@ -101,7 +101,13 @@ async def admit(
         return {}
     orgs = member_values(dialect_name(session), LIMITS.c.org_id, {r.org_id for r in requests})
     rows = await execute_prebuilt(session, "sender_limits", _limits_statement, {"orgs": orgs})
-    limits = {(row.org_id, row.sender): row for row in rows}
+    # A limit with all three windows null limits nothing (SPEC §5 allows it); left in, its
+    # sends had no window to count and the batch failed (max() of nothing) at every poll.
+    limits = {
+        (row.org_id, row.sender): row
+        for row in rows
+        if any(getattr(row, name) is not None for name, _ in WINDOWS)
+    }
     if not limits:
         return {}
     wanted: dict[Any, list[tuple[uuid.UUID, str]]] = {}
