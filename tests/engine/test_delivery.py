@@ -440,6 +440,72 @@ async def test_a_contact_deleted_while_its_send_was_prepared_leaves_no_open_reco
     assert (await enrollment(db, enrollment_id)).status == "canceled"
 
 
+async def end_enrollment(
+    db: Database, how: str, org: uuid.UUID, sequence_id: uuid.UUID, contact: uuid.UUID, now: Any
+) -> None:
+    async with db.transaction() as session:
+        if how == "cancel":
+            await cancel(session, org, str(sequence_id), now)
+        else:
+            await delete_contact(session, org, contact, now=now)
+
+
+@pytest.mark.parametrize("ended_by", ["cancel", "contact deletion"])
+async def test_a_send_ended_in_flight_then_refused_for_now_is_settled(
+    db: Database, settings: Settings, clock: ManualClock, ended_by: str
+) -> None:
+    """Ended while its send was in flight, the send then answered 451: the worker recorded the
+    retry on a record whose enrollment it could no longer move, and it stayed ``sending``."""
+    with SinkServer(Sink(lambda n: "451 4.3.0 try later")) as server:
+        smtp = settings.model_copy(update={"mail_url": server.url})
+        org = await make_org(db)
+        [contact] = await make_contacts(db, org, [{"email": "p@x.org"}])
+        sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+        [enrollment_id] = await enroll(db, org, sequence_id, [contact], now=clock.now())
+
+        class EndedInFlight(Worker):
+            async def _send(self, item: Any, lease: Any) -> Any:
+                outcome = await super()._send(item, lease)
+                await end_enrollment(db, ended_by, org, sequence_id, contact, clock.now())
+                return outcome
+
+        transport = transport_from_url(server.url)
+        await EndedInFlight(db, transport, smtp, clock=clock).drain()
+        await transport.aclose()
+    [row] = await messages_of(db, enrollment_id)
+    assert (row.status, row.reason, row.attempts) == ("skipped", "canceled", 1)
+    assert (await enrollment(db, enrollment_id)).status == "canceled"
+
+
+@pytest.mark.parametrize("ended_by", ["cancel", "contact deletion"])
+async def test_a_send_left_unsent_by_a_stopping_worker_is_settled_when_ended(
+    db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock, ended_by: str
+) -> None:
+    """A worker stopping before a recorded send releases its claim and leaves the record
+    ``sending`` for the next claim. Canceled (or the contact deleted) meanwhile, there is no
+    next claim: the record stayed ``sending`` for good."""
+    org = await make_org(db)
+    [contact] = await make_contacts(db, org, [{"email": "p@x.org"}])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    [enrollment_id] = await enroll(db, org, sequence_id, [contact], now=clock.now())
+
+    class StoppedBeforeSending(Worker):
+        async def _recheck(self, sends: list[Any]) -> list[Any]:
+            kept = await super()._recheck(sends)
+            self.stop()
+            return kept
+
+    transport = transport_from_url(smtp_settings.mail_url)
+    await StoppedBeforeSending(db, transport, smtp_settings, clock=clock).drain()
+    await transport.aclose()
+    [open_record] = await messages_of(db, enrollment_id)
+    assert (open_record.status, open_record.reason) == ("sending", None)
+    await end_enrollment(db, ended_by, org, sequence_id, contact, clock.now())
+    assert sink.sink.received == []
+    [row] = await messages_of(db, enrollment_id)
+    assert (row.status, row.reason) == ("skipped", "canceled")
+
+
 @pytest.mark.parametrize("ended_by", ["cancel", "contact deletion"])
 async def test_a_cancel_settles_a_send_waiting_for_its_retry(
     db: Database, settings: Settings, clock: ManualClock, ended_by: str
@@ -455,11 +521,7 @@ async def test_a_cancel_settles_a_send_waiting_for_its_retry(
         await worker.drain()
         [waiting] = await messages_of(db, enrollment_id)
         assert (waiting.status, waiting.reason) == ("sending", "451 4.3.0 try later")
-        async with db.transaction() as session:
-            if ended_by == "cancel":
-                await cancel(session, org, str(sequence_id), clock.now())
-            else:
-                await delete_contact(session, org, contacts[0], now=clock.now())
+        await end_enrollment(db, ended_by, org, sequence_id, contacts[0], clock.now())
         clock.advance(hours=1)
         await worker.drain()
         await worker.transport.aclose()

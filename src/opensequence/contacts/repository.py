@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.bulk import sqlite_datetime, sqlite_executemany, sqlite_uuid
 from opensequence.db.dialect import member_of
+from opensequence.enrollments.repository import unheld_send
 from opensequence.models import Contact, Enrollment, Message
 
 T = TypeVar("T")
@@ -291,6 +292,20 @@ async def delete_contact(
     A worker that already claimed one of these enrollments (lease in ``locked_until``) loses
     the lease here; its guarded completion must check ``status = 'active'``.
     """
+    # Messages first, the order in which the worker writes (the other order deadlocked with a
+    # worker recording outcomes: a 500), and while the leases still tell which send records a
+    # worker holds: those no worker holds are settled here (see unheld_send).
+    unheld = unheld_send(now)
+    await session.execute(
+        update(Message)
+        .where(Message.org_id == org_id, Message.contact_id == contact_id)
+        .values(
+            to_email=None,
+            status=case((unheld, "skipped"), else_=Message.status),
+            reason=case((unheld, "canceled"), else_=Message.reason),
+            updated_at=now,
+        )
+    )
     await session.execute(
         update(Enrollment)
         .where(
@@ -304,19 +319,6 @@ async def delete_contact(
             locked_until=None,
             locked_by=None,
             waiting_reason=None,
-            updated_at=now,
-        )
-    )
-    # A send waiting for its retry belongs to no worker: settled here (skipped, canceled), or it
-    # stayed ``sending`` for good. One in flight is settled by its worker.
-    retrying = and_(Message.status == "sending", Message.reason.is_not(None))
-    await session.execute(
-        update(Message)
-        .where(Message.org_id == org_id, Message.contact_id == contact_id)
-        .values(
-            to_email=None,
-            status=case((retrying, "skipped"), else_=Message.status),
-            reason=case((retrying, "canceled"), else_=Message.reason),
             updated_at=now,
         )
     )

@@ -888,6 +888,9 @@ class Worker:
         messages: list[dict[str, Any]] = []
         enrollments: list[dict[str, Any]] = []
         released: list[uuid.UUID] = []
+        # Send records left ``sending`` (a retry, an unsent release): settled if a cancel or a
+        # contact deletion ended their enrollment meanwhile, or they stayed ``sending`` for good.
+        left_open: list[uuid.UUID] = []
         finished: dict[str, int] = {}
         bounces: list[tuple[uuid.UUID, str]] = []
         retries = 0
@@ -895,6 +898,7 @@ class Worker:
             claim = item.claimed
             if isinstance(error, _NotSent):
                 released.append(claim.id)
+                left_open.append(item.message_row)
                 continue
             if error is None:
                 messages.append(_message_change(item.message_row, "sent", None, now, attempted=1))
@@ -921,6 +925,7 @@ class Worker:
                 _message_change(item.message_row, "sending", verdict.reason, attempted=1)
             )
             enrollments.append(_retrying(claim, verdict.at))
+            left_open.append(item.message_row)
         # These messages are out: a failure to record them would make each one a duplicate
         # once its claim expires, so a database that went away (a restart, a failover) is
         # waited for, within a third of the lease.
@@ -946,6 +951,7 @@ class Worker:
                                 session, enrollments, worker=self.id, now=now
                             )
                             await repo.release(session, released, worker=self.id)
+                            await repo.settle_abandoned(session, left_open, now)
                             await suppress_bounces(session, bounces, now)
                         except (DBAPIError, OSError):
                             pause_sends()  # now, not after the rollback lets the lanes run

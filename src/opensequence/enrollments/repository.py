@@ -6,10 +6,23 @@ import uuid
 from collections.abc import Sequence as Seq
 from datetime import datetime
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.models import Enrollment, Message
+
+
+def unheld_send(now: datetime) -> ColumnElement[bool]:
+    """A send record still ``sending`` that no worker holds: waiting for its retry, or left
+    unsent by a worker that stopped and released its claim. A cancel or a contact deletion
+    settles these (nothing else would: the enrollment is never claimed again); a held one is
+    settled by its worker, which finds the enrollment ended or records what it sent."""
+    held = exists().where(
+        Enrollment.id == Message.enrollment_id,
+        Enrollment.locked_by.is_not(None),
+        Enrollment.locked_until > now,
+    )
+    return and_(Message.status == "sending", ~held)
 
 
 async def wake_waiting(

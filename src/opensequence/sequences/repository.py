@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.clock import LATEST, minutes_after
 from opensequence.db.types import UTCDateTime
+from opensequence.enrollments.repository import unheld_send
 from opensequence.filters import CompositeFilter, compile_filter
 from opensequence.models import Contact, Enrollment, Message, Run, Sequence, SequenceStep
 
@@ -289,9 +290,8 @@ async def cancel_active_enrollments(
         query = query.where(Enrollment.sequence_id == sequence_id)
     if run_id is not None:
         query = query.where(Enrollment.run_id == run_id)
-    # A send waiting for its retry (``sending`` with the failed attempt's reason) belongs to no
-    # worker: settled here, or it stayed ``sending`` for good. One in flight (no reason) is
-    # settled by its worker, which finds the enrollment canceled or records what it sent.
+    # Send records no worker holds are settled here (see unheld_send); messages before
+    # enrollments, the order in which the worker writes them (no deadlock).
     theirs = select(Enrollment.id)
     if sequence_id is not None:
         theirs = theirs.where(Enrollment.sequence_id == sequence_id)
@@ -299,11 +299,7 @@ async def cancel_active_enrollments(
         theirs = theirs.where(Enrollment.run_id == run_id)
     await session.execute(
         update(Message)
-        .where(
-            Message.status == "sending",
-            Message.reason.is_not(None),
-            Message.enrollment_id.in_(theirs),
-        )
+        .where(unheld_send(now), Message.enrollment_id.in_(theirs))
         .values(status="skipped", reason="canceled", updated_at=now)
         .execution_options(synchronize_session=False)
     )
