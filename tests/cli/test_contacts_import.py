@@ -132,6 +132,28 @@ def test_import_lands_good_rows_and_reports_bad_lines(
     assert len(read_all(database_url, Contact)) == 4
 
 
+def test_import_reports_stray_and_unclosed_quotes(
+    database_url: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Read leniently, ``"O"Brien`` lost its quotes silently and an unclosed quote swallowed
+    every later line into one field: rows lost, exit 0."""
+    setup_org(database_url)
+    (tmp_path / "quotes.csv").write_text(
+        'email,name\nq1@example.com,ok\nq2@example.com,"O"Brien\n'
+        'q3@example.com,"unclosed\nq4@example.com,n4\nq5@example.com,n5\n',
+        encoding="utf-8",
+    )
+    result = run_import(["quotes.csv", "--org", "acme"], env, tmp_path)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("line ")]
+    assert errors == [
+        "line 3: ',' expected after '\"'",
+        "line 4: a quoted field is never closed: every line after this one is in it",
+    ]
+    assert "imported 1 rows (1 new contacts), skipped 2" in result.stdout
+    assert [c.email for c in read_all(database_url, Contact)] == ["q1@example.com"]
+
+
 def test_import_usage_errors(database_url: str, env: dict[str, str], tmp_path: Path) -> None:
     setup_org(database_url)
     (tmp_path / "no-id.csv").write_text("first,last\na,b\n", encoding="utf-8")

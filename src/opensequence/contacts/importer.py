@@ -76,8 +76,13 @@ def read_rows(handle: TextIO) -> Iterator[CsvRow | BadRow]:
     ``phone_number``) and ``name`` columns (any case) map to the contact's fields; every other
     named column goes into ``custom_data`` as text. Empty cells are absent values. A row is
     bad when it fails the API's validation (same limits and patterns) or has neither an email
-    nor a phone to identify it; it is reported with the line it starts on."""
-    reader = csv.reader(handle)
+    nor a phone to identify it; it is reported with the line it starts on.
+
+    Quotes are read strictly: a stray quote inside a field (``"O"Brien``) or a quoted field
+    never closed is a bad row. Read leniently, the first lost its quotes without a word, and
+    the second swallowed every line after it into one field: the rows in them were lost and
+    the import said nothing and exited 0."""
+    reader = csv.reader(handle, strict=True)
     try:
         header = next(reader)
     except StopIteration:
@@ -97,7 +102,10 @@ def read_rows(handle: TextIO) -> Iterator[CsvRow | BadRow]:
         except StopIteration:
             return
         except csv.Error as exc:
-            yield BadRow(line, str(exc))
+            message = str(exc)
+            if message == "unexpected end of data":
+                message = "a quoted field is never closed: every line after this one is in it"
+            yield BadRow(line, message)
             line = reader.line_num + 1
             continue
         start, line = line, reader.line_num + 1
