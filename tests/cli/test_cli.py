@@ -89,6 +89,12 @@ def test_usage_and_config_errors_exit_2_with_one_line(env: dict[str, str], tmp_p
     )
     assert bad_public.returncode == 2 and "OPENSEQUENCE_PUBLIC_URL" in bad_public.stderr
     assert "http:// or https://" in bad_public.stderr
+    # serve started with its worker dead on arrival (no log until shutdown); worker said so.
+    for command in (["serve", "--port", str(_free_port())], ["worker"]):
+        bad_mail = run_cli(command, {**env, "OPENSEQUENCE_MAIL_URL": "bogus://x"}, tmp_path)
+        assert bad_mail.returncode == 2, (command, bad_mail.stderr)
+        assert bad_mail.stderr.strip().count("\n") == 0
+        assert "OPENSEQUENCE_MAIL_URL" in bad_mail.stderr
     bad_id = run_cli(["keys", "revoke", "nope"], env, tmp_path)
     assert bad_id.returncode == 2 and "KEY_ID" in bad_id.stderr
     unknown_org = run_cli(["keys", "list", "--org", "nobody"], env, tmp_path)

@@ -12,6 +12,7 @@ from opensequence.api.app import BackgroundFactory
 from opensequence.auth import service as auth
 from opensequence.cli.common import fail, load_settings, run_with_db, setup_logging
 from opensequence.cli.contacts import contacts_app
+from opensequence.config import Settings
 from opensequence.db import Database
 from opensequence.db.migrate import upgrade as migrate
 from opensequence.db.types import iso
@@ -60,6 +61,7 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
 
     settings = load_settings()
     setup_logging()
+    check_mail_url(settings)  # the worker inside would otherwise die unseen
     migrate(settings.database_url)
     key = run_with_db(settings, _bootstrap)
     if key:
@@ -68,6 +70,16 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     application = create_app(settings, background=_serve_background())
     settle()
     uvicorn.run(application, host=host, port=port, log_config=None)
+
+
+def check_mail_url(settings: Settings) -> None:
+    """Exit 2 naming OPENSEQUENCE_MAIL_URL when no transport can be built from it."""
+    from opensequence.mail.transports import transport_from_url
+
+    try:
+        transport_from_url(settings.mail_url)
+    except ValueError as exc:
+        fail(f"OPENSEQUENCE_MAIL_URL: {exc}")
 
 
 def _serve_background() -> list[BackgroundFactory]:
@@ -94,12 +106,7 @@ def worker(
 
     settings = load_settings()
     setup_logging()
-    try:
-        from opensequence.mail.transports import transport_from_url
-
-        transport_from_url(settings.mail_url)
-    except ValueError as exc:
-        fail(f"OPENSEQUENCE_MAIL_URL: {exc}")
+    check_mail_url(settings)
     migrate(settings.database_url)
     registry = None
     if metrics_port is not None:
