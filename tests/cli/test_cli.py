@@ -120,6 +120,7 @@ def test_serve_prints_one_working_key_once(env: dict[str, str], tmp_path: Path) 
             text=True,
         ) as process:
             _check_serve(process, port, lines)
+        assert process.returncode == 0  # SIGTERM: a graceful stop, exit 0 (it was 143)
         assert attempt == 0 or sum("API key: " in line for line in lines) == 1
 
 

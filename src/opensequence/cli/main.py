@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import uuid
 from typing import Annotated
 
@@ -69,7 +70,19 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     typer.echo(f"OpenSequence listening on http://{host}:{port} (docs at /docs)")
     application = create_app(settings, background=_serve_background())
     settle()
+    _exit_0_after_sigterm()
     uvicorn.run(application, host=host, port=port, log_config=None)
+
+
+def _exit_0_after_sigterm() -> None:
+    """uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler
+    that was there before it: the default one killed the process (exit 143) once the graceful
+    part was done. Under this one the command ends with exit 0, as SPEC §7 says."""
+
+    def exit_0(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, exit_0)
 
 
 def check_mail_url(settings: Settings) -> None:
@@ -135,6 +148,7 @@ def api(
     settings = load_settings()
     setup_logging()
     migrate(settings.database_url)
+    _exit_0_after_sigterm()
     uvicorn.run(
         "opensequence.api.factory:app",
         factory=True,
