@@ -95,6 +95,17 @@ def test_usage_and_config_errors_exit_2_with_one_line(env: dict[str, str], tmp_p
         assert bad_mail.returncode == 2, (command, bad_mail.stderr)
         assert bad_mail.stderr.strip().count("\n") == 0
         assert "OPENSEQUENCE_MAIL_URL" in bad_mail.stderr
+    # A database that cannot be opened printed a ~140-line traceback and exited 1.
+    for url in (
+        f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'db.sqlite'}",
+        f"postgresql://postgres@127.0.0.1:{_free_port()}/x",
+    ):
+        unopened = run_cli(
+            ["keys", "list", "--org", "x"], {**env, "OPENSEQUENCE_DATABASE_URL": url}, tmp_path
+        )
+        assert unopened.returncode == 2, unopened.stderr
+        assert unopened.stderr.strip().count("\n") == 0
+        assert "OPENSEQUENCE_DATABASE_URL: cannot open the database" in unopened.stderr
     bad_id = run_cli(["keys", "revoke", "nope"], env, tmp_path)
     assert bad_id.returncode == 2 and "KEY_ID" in bad_id.stderr
     unknown_org = run_cli(["keys", "list", "--org", "nobody"], env, tmp_path)

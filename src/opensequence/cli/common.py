@@ -62,6 +62,22 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
         return runner.run(coroutine)
 
 
+def migrate(database_url: str) -> None:
+    """Apply the migrations, as every command does first. A database that cannot be opened
+    (a missing directory, a server that does not answer, a URL that does not parse) exits 2
+    with one line naming the variable, where it printed a traceback of ~140 lines and exit 1."""
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
+    from opensequence.db.migrate import upgrade
+
+    try:
+        upgrade(database_url)
+    except (OperationalError, ArgumentError, ValueError) as exc:
+        cause = exc.orig if isinstance(exc, OperationalError) else exc
+        detail = " ".join(str(cause).split()) or type(cause).__name__
+        fail(f"OPENSEQUENCE_DATABASE_URL: cannot open the database: {detail[:300]}")
+
+
 def run_with_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
     """Run one async unit of work with a database, translating domain errors to exit code 1."""
 

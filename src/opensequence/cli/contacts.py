@@ -14,11 +14,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from opensequence.auth import service as auth
-from opensequence.cli.common import fail, load_settings, run_with_db
+from opensequence.cli.common import fail, load_settings, migrate, run_with_db
 from opensequence.clock import SystemClock
 from opensequence.contacts import importer
 from opensequence.db import Database
-from opensequence.db.migrate import upgrade as migrate
 from opensequence.errors import Invalid
 from opensequence.runs.service import RunProgress, open_run
 

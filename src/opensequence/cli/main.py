@@ -11,11 +11,10 @@ import typer
 
 from opensequence.api.app import BackgroundFactory
 from opensequence.auth import service as auth
-from opensequence.cli.common import fail, load_settings, run_with_db, setup_logging
+from opensequence.cli.common import fail, load_settings, migrate, run_with_db, setup_logging
 from opensequence.cli.contacts import contacts_app
 from opensequence.config import Settings
 from opensequence.db import Database
-from opensequence.db.migrate import upgrade as migrate
 from opensequence.db.types import iso
 from opensequence.heap import settle
 
