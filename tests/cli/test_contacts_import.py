@@ -101,6 +101,11 @@ def read_items(database_url: str, run_id: Any = None) -> list[StoredItem]:
     return sorted((item for p in pages for item in unpack(p.items)), key=lambda i: i.index)
 
 
+def reported_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The ``line N: …`` reports of bad rows on stderr."""
+    return [line for line in result.stderr.splitlines() if line.startswith("line ")]
+
+
 def test_import_lands_good_rows_and_reports_bad_lines(
     database_url: str, env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -108,7 +113,7 @@ def test_import_lands_good_rows_and_reports_bad_lines(
     (tmp_path / "people.csv").write_text(CSV, encoding="utf-8")
     result = run_import(["people.csv", "--org", "acme"], env, tmp_path)
     assert result.returncode == 1, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("line ")]
+    errors = reported_lines(result)
     assert errors == [
         "line 3: email: does not match pattern",
         "line 4: neither an email nor a phone to identify the contact",
@@ -145,7 +150,7 @@ def test_import_reports_stray_and_unclosed_quotes(
     )
     result = run_import(["quotes.csv", "--org", "acme"], env, tmp_path)
     assert result.returncode == 1, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("line ")]
+    errors = reported_lines(result)
     assert errors == [
         "line 3: ',' expected after '\"'",
         "line 4: a quoted field is never closed: every line after this one is in it",

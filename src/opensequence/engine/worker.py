@@ -1035,14 +1035,7 @@ def _waiting(item: repo.Claimed, until: datetime, reason: str) -> dict[str, Any]
 
 def _retrying(item: repo.Claimed, until: datetime) -> dict[str, Any]:
     """The enrollment stays on its step after a failed attempt, due again at ``until``."""
-    return {
-        **_base(item),
-        "b_status": "active",
-        "b_step": item.current_step,
-        "b_next_at": until,
-        "b_waiting": "retrying",
-        "b_attempts": item.attempts + 1,
-    }
+    return {**_waiting(item, until, "retrying"), "b_attempts": item.attempts + 1}
 
 
 def _renders_slowly(step: Any) -> bool:
