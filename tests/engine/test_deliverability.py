@@ -19,14 +19,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, text, update
 
 from opensequence.clock import ManualClock
 from opensequence.config import Settings
 from opensequence.db import Database
 from opensequence.db.types import iso
+from opensequence.deliverability.repository import lock_senders
+from opensequence.engine import throttle
 from opensequence.engine.worker import Worker
-from opensequence.models import Message, Sequence
+from opensequence.models import Message, SenderLimit, Sequence
 from tests.engine.factories import email_step, enroll, make_contacts, make_sequence, make_worker
 from tests.engine.sink import Sink, SinkServer
 from tests.helpers import Tenant, http_client
@@ -359,6 +361,80 @@ async def test_a_send_waiting_for_a_limit_goes_out_once_the_limit_is_lifted(
     [due] = (await tenant.client.get(path, params={"status": "active"})).json()["items"]
     assert (due["waiting_reason"], due["next_step_at"]) == (None, iso(clock.now()))
     await worker.drain()
+    assert len(sink.sink.received) == 2
+
+
+async def lock_waiters(db: Database, event: str) -> int:
+    """PostgreSQL backends waiting for a lock of kind ``event`` (``advisory``, ``tuple``…)."""
+    async with db.transaction() as session:
+        return int(
+            await session.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND wait_event = :event"
+                ),
+                {"event": event},
+            )
+        )
+
+
+async def until_blocked(db: Database, event: str, task: asyncio.Task[Any]) -> None:
+    """Until ``task`` ends or some backend waits for a lock of kind ``event`` (a poll: what is
+    awaited happens in the database, where no event can be set)."""
+    while not task.done() and not await lock_waiters(db, event):  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+
+
+async def test_a_limit_lifted_while_a_worker_holds_sends_back_wakes_them(
+    backend: str,
+    app: FastAPI,
+    db: Database,
+    worker: Worker,
+    sink: SinkServer,
+    clock: ManualClock,
+    tenant: Tenant,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ``DELETE`` commits after the worker counted (and held the second send back for a
+    day) but before it committed that wait: the wake could not see the wait, and the send
+    waited out the old limit. The change now waits for the worker's transaction."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite runs one writing transaction at a time")
+    app.state.clock = clock
+    sequence_id = await limited_sends(db, tenant, clock, per_day=1, sends=2)
+    lifted: list[asyncio.Task[httpx.Response]] = []
+    admit = throttle.admit
+
+    async def admit_then_lift(*args: Any) -> dict[Any, datetime]:
+        waits = await admit(*args)
+        if waits and not lifted:
+            lifted.append(asyncio.create_task(tenant.client.delete("/sender-limits/example.com")))
+            await until_blocked(db, "advisory", lifted[0])
+        return waits
+
+    monkeypatch.setattr(throttle, "admit", admit_then_lift)
+    await worker.drain()
+    assert (await lifted[0]).status_code == 200
+    await worker.drain()  # the woken send, if the first drain ended before the wake
+    assert len(sink.sink.received) == 2
+    sent = await messages_for(db, sequence_id=sequence_id)
+    assert [m.status for m in sent] == ["sent", "sent"]
+
+
+async def test_a_limit_lifted_while_a_worker_waits_to_count_is_not_applied(
+    backend: str, db: Database, worker: Worker, sink: SinkServer, clock: ManualClock, tenant: Tenant
+) -> None:
+    """The worker read the limit, then waited for its lock while the limit was deleted (and
+    the deletion's wake found nothing waiting yet): it counted against the old limit."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite runs one writing transaction at a time")
+    await limited_sends(db, tenant, clock, per_day=1, sends=2)
+    async with db.transaction() as session:
+        await lock_senders(session, [(tenant.org_id, "example.com")])
+        await session.execute(delete(SenderLimit).where(SenderLimit.org_id == tenant.org_id))
+        draining = asyncio.create_task(worker.drain())
+        await until_blocked(db, "advisory", draining)
+    await draining
     assert len(sink.sink.received) == 2
 
 

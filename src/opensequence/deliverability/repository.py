@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opensequence.db.dialect import insert_for
+from opensequence.db.dialect import dialect_name, insert_for
 from opensequence.models import SenderLimit, Suppression
 
 
@@ -95,6 +96,29 @@ async def upsert_bounced(
             index_elements=["org_id", "email_normalized"], set_={"reason": "bounced"}
         )
     )
+
+
+def _sender_lock_id(org_id: uuid.UUID, sender: str) -> int:
+    digest = hashlib.blake2b(f"{org_id}:{sender}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+async def lock_senders(session: AsyncSession, keys: Iterable[tuple[uuid.UUID, str]]) -> None:
+    """Hold the (organization, sender) limits ``keys`` until the transaction ends, in a fixed
+    order (no deadlock between two transactions locking overlapping sets).
+
+    Whoever changes a limit and whoever counts sends against it take this lock (PostgreSQL:
+    ``pg_advisory_xact_lock``; SQLite's single writer serialises them already). The worker's
+    count, the waits it writes and its ``sending`` rows then commit wholly before or wholly
+    after a limit changes: a ``DELETE`` that committed while a worker held sends back under
+    the old limit woke nothing (its wake could not see the waits yet), and those sends waited
+    out the old window, up to a day."""
+    if dialect_name(session) != "postgresql":
+        return
+    for org_id, sender in sorted(set(keys), key=str):
+        await session.execute(
+            text("SELECT pg_advisory_xact_lock(:id)"), {"id": _sender_lock_id(org_id, sender)}
+        )
 
 
 async def upsert_sender_limit(

@@ -131,6 +131,7 @@ async def put_sender_limit(
     now: datetime,
 ) -> SenderLimit:
     key = normalise_sender(sender)
+    await repo.lock_senders(session, [(org_id, key)])
     await repo.upsert_sender_limit(session, org_id, key, limits, now)
     await _wake_throttled(session, org_id, now)
     found = await repo.get_sender_limit(session, org_id, key)
@@ -150,7 +151,9 @@ async def delete_sender_limit(
     session: AsyncSession, org_id: uuid.UUID, sender: str, now: datetime
 ) -> None:
     """SPEC §5: a send waiting for a limit goes out once the limit is lifted."""
-    if not await repo.delete_sender_limit(session, org_id, normalise_sender(sender)):
+    key = normalise_sender(sender)
+    await repo.lock_senders(session, [(org_id, key)])
+    if not await repo.delete_sender_limit(session, org_id, key):
         raise NotFound(f"no sender limit for {sender!r}")
     await _wake_throttled(session, org_id, now)
 

@@ -14,7 +14,10 @@ about to send from, in a fixed order (no deadlocks between workers locking overl
 and holds it while it counts and inserts its ``sending`` rows, until COMMIT. A second worker
 blocks on the lock and, under READ COMMITTED, counts with a fresh snapshot that includes the
 first worker's rows. SQLite runs every transaction ``BEGIN IMMEDIATE``: one writer at a time,
-so the same count-then-insert is already serialised.
+so the same count-then-insert is already serialised. A change of a limit takes the same lock
+(:func:`opensequence.deliverability.repository.lock_senders`), so that the sends a worker holds
+back under the old limit are committed before the change wakes the waiting ones, or are counted
+under the new limit.
 
 A limit applies to an email address (``from_email`` lower-cased) or to a whole domain; when
 both exist, both apply. Sends that would exceed a limit are not reserved: the caller defers
@@ -23,14 +26,13 @@ them to the instant the fullest window frees a slot (they contend again then).
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, case, func, or_, select, text, update
+from sqlalchemy import Table, and_, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.dialect import (
@@ -40,6 +42,7 @@ from opensequence.db.dialect import (
     member_param,
     member_values,
 )
+from opensequence.deliverability.repository import lock_senders
 from opensequence.models import Message, SenderLimit
 
 MESSAGES = cast(Table, Message.__table__)
@@ -64,11 +67,6 @@ class Request:
 def sender_keys(from_email: str) -> tuple[str, str]:
     address = from_email.strip().lower()
     return address, address.rpartition("@")[2]
-
-
-def _lock_id(org_id: uuid.UUID, sender: str) -> int:
-    digest = hashlib.blake2b(f"{org_id}:{sender}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 def _sent_time() -> Any:
@@ -99,29 +97,21 @@ async def admit(
     rows (or :func:`reserve` reused ones) in this same transaction."""
     if not requests:
         return {}
-    orgs = member_values(dialect_name(session), LIMITS.c.org_id, {r.org_id for r in requests})
-    rows = await execute_prebuilt(session, "sender_limits", _limits_statement, {"orgs": orgs})
-    # A limit with all three windows null limits nothing (SPEC §5 allows it); left in, its
-    # sends had no window to count and the batch failed (max() of nothing) at every poll.
-    limits = {
-        (row.org_id, row.sender): row
-        for row in rows
-        if any(getattr(row, name) is not None for name, _ in WINDOWS)
-    }
-    if not limits:
-        return {}
-    wanted: dict[Any, list[tuple[uuid.UUID, str]]] = {}
-    for request in requests:
-        keys = [(request.org_id, k) for k in sender_keys(request.from_email)]
-        wanted[request.token] = [key for key in keys if key in limits]
+    limits = await _limits(session, requests)
+    wanted = _wanted(requests, limits)
     limited = sorted({key for keys in wanted.values() for key in keys}, key=str)
     if not limited:
         return {}
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        for org_id, sender in limited:
-            await session.execute(
-                text("SELECT pg_advisory_xact_lock(:id)"), {"id": _lock_id(org_id, sender)}
-            )
+    if dialect_name(session) == "postgresql":
+        await lock_senders(session, limited)
+        # A limit changed (or went) while this transaction waited for its lock: count against
+        # the limits that hold now. One created meanwhile applies from the next batch.
+        fresh = await _limits(session, requests)
+        wanted = _wanted(requests, {key: fresh[key] for key in limited if key in fresh})
+        limited = sorted({key for keys in wanted.values() for key in keys}, key=str)
+        limits = fresh
+        if not limited:
+            return {}
 
     # (org, sender, window) → [cap, counted in the database, reserved now]
     state: dict[tuple[uuid.UUID, str, str], list[int]] = {}
@@ -158,6 +148,35 @@ async def admit(
     for window in {w for full in waiting.values() for w in full}:
         frees[window] = await _frees_at(session, window, state[window], now)
     return {token: max(frees[w] for w in full) for token, full in waiting.items()}
+
+
+async def _limits(
+    session: AsyncSession, requests: Sequence[Request]
+) -> dict[tuple[uuid.UUID, str], Any]:
+    """The requesting organizations' limits by (organization, sender). A limit with all three
+    windows null limits nothing (SPEC §5 allows it); left in, its sends had no window to count
+    and the batch failed (max() of nothing) at every poll."""
+    orgs = member_values(dialect_name(session), LIMITS.c.org_id, {r.org_id for r in requests})
+    rows = await execute_prebuilt(session, "sender_limits", _limits_statement, {"orgs": orgs})
+    return {
+        (row.org_id, row.sender): row
+        for row in rows
+        if any(getattr(row, name) is not None for name, _ in WINDOWS)
+    }
+
+
+def _wanted(
+    requests: Sequence[Request], limits: dict[tuple[uuid.UUID, str], Any]
+) -> dict[Any, list[tuple[uuid.UUID, str]]]:
+    """Each request's limited (organization, sender) keys: its address's, its domain's."""
+    return {
+        request.token: [
+            key
+            for key in ((request.org_id, k) for k in sender_keys(request.from_email))
+            if key in limits
+        ]
+        for request in requests
+    }
 
 
 def _limits_statement(dialect: str) -> Any:
