@@ -28,7 +28,7 @@ from opensequence.db.types import iso
 from opensequence.deliverability.repository import lock_senders
 from opensequence.engine import throttle
 from opensequence.engine.worker import Worker
-from opensequence.models import Message, SenderLimit, Sequence
+from opensequence.models import Message, SenderLimit, Sequence, SequenceStep
 from tests.engine.factories import email_step, enroll, make_contacts, make_sequence, make_worker
 from tests.engine.sink import Sink, SinkServer
 from tests.helpers import Tenant, http_client
@@ -364,21 +364,21 @@ async def test_a_send_waiting_for_a_limit_goes_out_once_the_limit_is_lifted(
     assert len(sink.sink.received) == 2
 
 
-async def lock_waiters(db: Database, event: str) -> int:
-    """PostgreSQL backends waiting for a lock of kind ``event`` (``advisory``, ``tuple``…)."""
+async def lock_waiters(db: Database, event: str | None) -> int:
+    """PostgreSQL backends waiting for a lock of kind ``event`` (``advisory``…; None: any)."""
     async with db.transaction() as session:
         return int(
             await session.scalar(
                 text(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND wait_event = :event"
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND wait_event = coalesce(:event, wait_event)"
                 ),
                 {"event": event},
             )
         )
 
 
-async def until_blocked(db: Database, event: str, task: asyncio.Task[Any]) -> None:
+async def until_blocked(db: Database, event: str | None, task: asyncio.Task[Any]) -> None:
     """Until ``task`` ends or some backend waits for a lock of kind ``event`` (a poll: what is
     awaited happens in the database, where no event can be set)."""
     while not task.done() and not await lock_waiters(db, event):  # noqa: ASYNC110
@@ -502,6 +502,116 @@ async def test_edited_delays_apply_to_contacts_waiting_for_their_step(
     [done] = (await tenant.client.get(path)).json()["items"]
     assert done["status"] == "completed"
     assert [m["Subject"] for m in sink.sink.received] == ["A", "B"]
+
+
+async def test_a_window_removed_while_a_worker_decides_a_step_lets_it_go_out(
+    app: FastAPI,
+    db: Database,
+    worker: Worker,
+    sink: SinkServer,
+    clock: ManualClock,
+    tenant: Tenant,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ``PATCH`` commits after the worker read the window (and decided to wait for its
+    opening, the Monday) but before it wrote that wait: the wake could not see it."""
+    app.state.clock = clock
+    clock.set(datetime(2026, 3, 6, 18, 0, tzinfo=UTC))  # a Friday, after hours
+    window = {"days": ["mon"], "start": "09:00", "end": "17:00", "timezone": "UTC"}
+    created = await tenant.client.post(
+        "/sequences", json={"name": "w", "steps": [email_step()], "send_window": window}
+    )
+    sequence_id = created.json()["id"]
+    await tenant.client.post(
+        f"/sequences/{sequence_id}/contacts", json={"contacts": [{"email": "a@x.org"}]}
+    )
+    clock.advance(seconds=1)
+    plan = worker._plan
+    removed: list[httpx.Response] = []
+
+    async def plan_then_remove(*args: Any) -> Any:
+        decided = await plan(*args)
+        if not removed:
+            path = f"/sequences/{sequence_id}"
+            removed.append(await tenant.client.patch(path, json={"send_window": None}))
+        return decided
+
+    monkeypatch.setattr(worker, "_plan", plan_then_remove)
+    await worker.drain()
+    assert removed[0].status_code == 200, removed[0].text
+    assert [str(m["To"]) for m in sink.sink.received] == ["a@x.org"]
+
+
+async def two_steps_a_week_apart(tenant: Tenant) -> tuple[str, list[dict[str, Any]]]:
+    """A sequence whose second step waits 7 days, with one contact due for the first."""
+    steps = [email_step(subject="A"), email_step(subject="B", delay=7 * 1440)]
+    created = await tenant.client.post("/sequences", json={"name": "s", "steps": steps})
+    sequence_id = created.json()["id"]
+    await tenant.client.post(
+        f"/sequences/{sequence_id}/contacts", json={"contacts": [{"email": "a@x.org"}]}
+    )
+    return sequence_id, steps
+
+
+async def test_a_delay_edited_while_the_step_before_it_is_sent_applies(
+    app: FastAPI,
+    db: Database,
+    worker: Worker,
+    sink: SinkServer,
+    clock: ManualClock,
+    tenant: Tenant,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The edit cannot see an enrollment whose previous step is in flight; the worker then
+    moved it on with the delay it read at the claim (7 days where the step now says 1)."""
+    app.state.clock = clock
+    sequence_id, steps = await two_steps_a_week_apart(tenant)
+    send = worker.transport.send
+    edited: list[httpx.Response] = []
+
+    async def edit_then_send(outgoing: Any) -> None:
+        if not edited:
+            clock.advance(seconds=1)
+            steps[1] = email_step(subject="B", delay=1440)
+            path = f"/sequences/{sequence_id}"
+            edited.append(await tenant.client.patch(path, json={"steps": steps}))
+        await send(outgoing)
+
+    monkeypatch.setattr(worker.transport, "send", edit_then_send)
+    await worker.drain()
+    assert edited[0].status_code == 200, edited[0].text
+    [waiting] = (await tenant.client.get(f"/sequences/{sequence_id}/enrollments")).json()["items"]
+    sent_at = clock.now()  # the edit moved it on a second
+    assert (waiting["current_step"], waiting["next_step_at"]) == (
+        1,
+        iso(sent_at + timedelta(days=1)),
+    )
+
+
+async def test_a_worker_moving_a_contact_on_waits_for_an_edit_of_its_steps(
+    backend: str, app: FastAPI, db: Database, worker: Worker, clock: ManualClock, tenant: Tenant
+) -> None:
+    """An edit of the steps holds its sequence (``FOR UPDATE``) until it commits: the worker,
+    recording the first step's send meanwhile, waits for it and takes the edited delay."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite runs one writing transaction at a time")
+    app.state.clock = clock
+    sequence_id, _ = await two_steps_a_week_apart(tenant)
+    async with db.transaction() as session:
+        sequence = await session.get(Sequence, uuid.UUID(sequence_id), with_for_update=True)
+        assert sequence is not None
+        await session.execute(
+            update(SequenceStep)
+            .where(SequenceStep.sequence_id == sequence.id, SequenceStep.step_index == 1)
+            .values(delay_in_minutes=1440)
+        )
+        sequence.updated_at = clock.now() + timedelta(seconds=1)
+        await session.flush()
+        draining = asyncio.create_task(worker.drain())
+        await until_blocked(db, None, draining)
+    await draining
+    [waiting] = (await tenant.client.get(f"/sequences/{sequence_id}/enrollments")).json()["items"]
+    assert waiting["next_step_at"] == iso(clock.now() + timedelta(days=1))
 
 
 # ------------------------------------------------------------------------------ send windows

@@ -186,8 +186,34 @@ async def load_sequences(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dic
 def _sequences_statement(dialect: str) -> Any:
     s = SEQUENCES.c
     return select(
-        s.id, s.org_id, s.name, s.custom_id, s.status, s.is_continuous, s.send_window
+        s.id, s.org_id, s.name, s.custom_id, s.status, s.is_continuous, s.send_window, s.updated_at
     ).where(member_param(dialect, s.id, "ids"))
+
+
+async def sequence_versions(
+    session: AsyncSession, ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, datetime]:
+    """The sequences' ``updated_at`` (every edit moves it), to tell whether one changed since
+    a batch read it; PostgreSQL holds them ``FOR SHARE`` until the transaction ends.
+
+    An edit locks its sequence ``FOR UPDATE`` before it changes anything, then wakes or moves
+    the enrollments that the change concerns. A worker's transaction that writes what follows
+    from a sequence's settings (a wait for its window, the next step's delay) takes this first:
+    it commits before the edit begins, which then sees (and moves) what it wrote, or it waits
+    for the edit and finds the sequence changed. Without it, an edit committing while a batch
+    was decided or sent missed that batch's enrollments: they kept the old window's opening
+    (days) or the old delay."""
+    members = _members(session, SEQUENCES, set(ids))
+    rows = await execute_prebuilt(
+        session, "sequence_versions", _versions_statement, {"ids": members}
+    )
+    return {row.id: row.updated_at for row in rows}
+
+
+def _versions_statement(dialect: str) -> Any:
+    s = SEQUENCES.c
+    statement = select(s.id, s.updated_at).where(member_param(dialect, s.id, "ids"))
+    return statement.with_for_update(read=True) if dialect == "postgresql" else statement
 
 
 async def load_steps(

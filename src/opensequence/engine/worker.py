@@ -126,6 +126,8 @@ class _Send:
     date: datetime
     next_delay: float | None
     one_off: bool
+    # The sequence's ``updated_at`` as the batch read it (see Worker._advance).
+    sequence_version: datetime
 
     def outgoing(self) -> Outgoing:
         """The wire form. Built right before the hand-over rather than while the batch is
@@ -177,6 +179,9 @@ class _Plan:
     new_rows: list[dict[str, Any]] = field(default_factory=list)
     started: list[tuple[uuid.UUID, uuid.UUID, int]] = field(default_factory=list)
     pending: list[_Pending] = field(default_factory=list)
+    # (enrollment, sequence) of the enrollment changes that follow from the sequence's steps or
+    # send window as the batch read them (see Worker._record).
+    follows: list[tuple[uuid.UUID, uuid.UUID]] = field(default_factory=list)
     finished: dict[str, int] = field(default_factory=dict)
     one_off: bool = False
     # Claimed but left undecided, the batch's render budget being spent: released untouched.
@@ -189,7 +194,13 @@ class _Plan:
             self.new_rows,
             self.started,
             self.pending,
+            self.follows,
         )
+
+    def follow(self, item: repo.Claimed, change: dict[str, Any]) -> None:
+        """Add an enrollment change computed from the sequence's steps or send window."""
+        self.enrollment_changes.append(change)
+        self.follows.append((item.id, item.sequence_id))
 
     def mark(self) -> tuple[int, ...]:
         """Where the plan stands, for :meth:`rewind`."""
@@ -461,18 +472,17 @@ class Worker:
         by_index = steps_by_index.get(item.sequence_id, {})
         step = by_index.get(item.current_step)
         if step is None:
-            plan.enrollment_changes.append(_ended(item, "completed"))
+            plan.follow(item, _ended(item, "completed"))
             return 0
         next_step = by_index.get(item.current_step + 1)
         next_delay = None if next_step is None else float(next_step.delay_in_minutes)
         row = loaded.existing.get((item.id, item.current_step))
         if row is not None and row.status != "sending":
             # Settled by a worker that lost its lease before it could advance.
-            plan.enrollment_changes.append(
-                _ended(item, "failed")
-                if row.status == "failed"
-                else _advanced(item, next_delay, now)
-            )
+            if row.status == "failed":
+                plan.enrollment_changes.append(_ended(item, "failed"))
+            else:
+                plan.follow(item, _advanced(item, next_delay, now))
             return 0
         decide = functools.partial(
             self._decide, item, sequence, step, contact, loaded.secret, contact.suppression
@@ -494,7 +504,7 @@ class Worker:
         if decision.status == "sending" and sequence.send_window:
             opens = _window_opens(sequence.send_window, contact.custom_data, now)
             if opens is not None:
-                plan.enrollment_changes.append(_waiting(item, opens, "outside_window"))
+                plan.follow(item, _waiting(item, opens, "outside_window"))
                 return rendered
         plan.started.append((item.id, item.sequence_id, item.current_step))
         if row is None:
@@ -533,11 +543,10 @@ class Worker:
                 (item, row_id, attempts, first_at, decision, message_id, next_delay)
             )
             return rendered
-        plan.enrollment_changes.append(
-            _ended(item, "failed")
-            if decision.status == "failed"
-            else _advanced(item, next_delay, now)
-        )
+        if decision.status == "failed":
+            plan.enrollment_changes.append(_ended(item, "failed"))
+        else:
+            plan.follow(item, _advanced(item, next_delay, now))
         plan.finished[decision.status] = plan.finished.get(decision.status, 0) + 1  # last
         return rendered
 
@@ -547,7 +556,25 @@ class Worker:
         """Write the plan: reserve throttle slots (the sends over a sender limit wait instead),
         insert the send records as ``sending``, settle the steps that need no provider call,
         stamp the steps that start and release the deferred claims. Returns the sends to
-        make."""
+        make.
+
+        First, the changes that follow from a sequence's steps or send window (a wait for the
+        window, the next step's delay) are dropped if the sequence was edited since the batch
+        read it: those enrollments are released, still due, and the next claim decides them
+        again from the sequence as it is (:func:`repository.sequence_versions`)."""
+        if plan.follows:
+            versions = await repo.sequence_versions(session, {seq for _, seq in plan.follows})
+            again = {
+                enrollment
+                for enrollment, seq in plan.follows
+                if versions.get(seq) != loaded.sequences[seq].updated_at
+            }
+            if again:
+                log.info("%d steps are decided again: their sequence was edited", len(again))
+                plan.enrollment_changes = [
+                    change for change in plan.enrollment_changes if change["b_id"] not in again
+                ]
+                plan.deferred = plan.deferred + list(again)
         pending = plan.pending
         waits = await throttle.admit(
             session,
@@ -611,6 +638,7 @@ class Worker:
                     date=now,
                     next_delay=next_delay,
                     one_off=not loaded.sequences[item.sequence_id].is_continuous,
+                    sequence_version=loaded.sequences[item.sequence_id].updated_at,
                 )
             )
         return sends
@@ -893,6 +921,7 @@ class Worker:
         left_open: list[uuid.UUID] = []
         finished: dict[str, int] = {}
         bounces: list[tuple[uuid.UUID, str]] = []
+        sent: list[_Send] = []
         retries = 0
         for item, error in results:
             claim = item.claimed
@@ -902,7 +931,7 @@ class Worker:
                 continue
             if error is None:
                 messages.append(_message_change(item.message_row, "sent", None, now, attempted=1))
-                enrollments.append(_advanced(claim, item.next_delay, now))
+                sent.append(item)
                 finished["sent"] = finished.get("sent", 0) + 1
                 continue
             verdict = self.retry.decide(
@@ -946,9 +975,10 @@ class Worker:
                 try:
                     async with self.db.transaction() as session:
                         try:
+                            advanced = await self._advance(session, sent, now)
                             await repo.update_messages(session, messages, now)
                             await repo.update_enrollments(
-                                session, enrollments, worker=self.id, now=now
+                                session, enrollments + advanced, worker=self.id, now=now
                             )
                             await repo.release(session, released, worker=self.id)
                             await repo.settle_abandoned(session, left_open, now)
@@ -972,6 +1002,39 @@ class Worker:
         self._count(finished)
         if self.metrics is not None and retries:
             self.metrics.retries.inc(retries)
+
+    async def _advance(
+        self, session: AsyncSession, sent: list[_Send], now: datetime
+    ) -> list[dict[str, Any]]:
+        """The enrollments of these sends, on to their next step with its delay as it is now.
+
+        A steps edit moves the enrollments it sees waiting for a step; it cannot see one whose
+        previous step is being sent, and that one took the delay read at its claim (a week
+        where the step now says a day). The sequences are read here first (and held, see
+        :func:`repository.sequence_versions`); the steps of any edited since the claim are read
+        again."""
+        if not sent:
+            return []
+        versions = await repo.sequence_versions(
+            session, {item.claimed.sequence_id for item in sent}
+        )
+        edited = {
+            item.claimed.sequence_id
+            for item in sent
+            if versions.get(item.claimed.sequence_id) != item.sequence_version
+        }
+        delays: dict[tuple[uuid.UUID, int], float] = {}
+        if edited:
+            for sequence_id, rows in (await repo.load_steps(session, edited)).items():
+                for row in rows:
+                    delays[(sequence_id, row.step_index)] = float(row.delay_in_minutes)
+        changes = []
+        for item in sent:
+            claim, next_delay = item.claimed, item.next_delay
+            if claim.sequence_id in edited:
+                next_delay = delays.get((claim.sequence_id, claim.current_step + 1))
+            changes.append(_advanced(claim, next_delay, now))
+        return changes
 
     # ------------------------------------------------------------------------------ metrics
 
