@@ -440,6 +440,31 @@ async def test_a_contact_deleted_while_its_send_was_prepared_leaves_no_open_reco
     assert (await enrollment(db, enrollment_id)).status == "canceled"
 
 
+async def test_a_contact_deleted_while_its_skipped_step_was_decided_leaves_no_address(
+    db: Database, settings: Settings, clock: ManualClock
+) -> None:
+    """A suppressed contact's step is settled ``skipped`` without a send. Deleted after the
+    claim read it, the record written after the deletion kept its address (SPEC §2)."""
+    org = await make_org(db)
+    [contact] = await make_contacts(db, org, [{"email": "secret@x.org"}])
+    async with db.transaction() as session:
+        await suppress(session, org, "secret@x.org", "unsubscribed", clock.now())
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    [enrollment_id] = await enroll(db, org, sequence_id, [contact], now=clock.now())
+
+    class DeletedMeanwhile(Worker):
+        async def _plan(self, claimed: Any, loaded: Any, now: Any) -> Any:
+            planned = await super()._plan(claimed, loaded, now)
+            async with db.transaction() as session:
+                await delete_contact(session, org, contact, now=clock.now())
+            return planned
+
+    transport = transport_from_url(settings.mail_url)
+    await DeletedMeanwhile(db, transport, settings, clock=clock).drain()
+    [row] = await messages_of(db, enrollment_id)
+    assert (row.status, row.reason, row.to_email) == ("skipped", "unsubscribed", None)
+
+
 async def end_enrollment(
     db: Database, how: str, org: uuid.UUID, sequence_id: uuid.UUID, contact: uuid.UUID, now: Any
 ) -> None:

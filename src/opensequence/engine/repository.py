@@ -245,6 +245,24 @@ async def load_contacts(session: AsyncSession, ids: Iterable[uuid.UUID]) -> dict
     return {row.id: row for row in rows}
 
 
+async def present_contacts(session: AsyncSession, ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
+    """Those of the contacts ``ids`` that still exist, held ``FOR SHARE`` on PostgreSQL until
+    the transaction ends: a deletion (which locks its contact first, then drops the address
+    from every send record) commits wholly before this reads, or waits for what this
+    transaction writes."""
+    members = _members(session, CONTACTS, set(ids))
+    rows = await execute_prebuilt(
+        session, "present_contacts", _present_contacts_statement, {"ids": members}
+    )
+    return set(rows.scalars().all())
+
+
+def _present_contacts_statement(dialect: str) -> Any:
+    c = CONTACTS.c
+    statement = select(c.id).where(member_param(dialect, c.id, "ids"))
+    return statement.with_for_update(read=True) if dialect == "postgresql" else statement
+
+
 # Each contact with its address's suppression in its organization, if any (suppressions are
 # keyed by organization and normalised address: at most one).
 _CONTACTS_WITH_SUPPRESSION = CONTACTS.outerjoin(

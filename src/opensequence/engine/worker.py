@@ -575,6 +575,15 @@ class Worker:
                     change for change in plan.enrollment_changes if change["b_id"] not in again
                 ]
                 plan.deferred = plan.deferred + list(again)
+        # Records of steps settled without a send keep the address they were decided for; a
+        # contact deleted since the claim (its deletion drops its address from every record
+        # there was then) leaves none on them.
+        settled = [r for r in plan.new_rows if r["status"] != "sending" and r["to_email"]]
+        if settled:
+            present = await repo.present_contacts(session, {r["contact_id"] for r in settled})
+            for row in settled:
+                if row["contact_id"] not in present:
+                    row["to_email"] = None
         pending = plan.pending
         waits = await throttle.admit(
             session,
