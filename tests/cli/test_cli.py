@@ -112,6 +112,24 @@ def test_usage_and_config_errors_exit_2_with_one_line(env: dict[str, str], tmp_p
     assert unknown_org.returncode == 1 and "nobody" in unknown_org.stderr
 
 
+def test_a_redis_url_that_builds_no_storage_is_one_line_and_exit_2(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The rate-limit storage is built at the app's startup: serve printed its key and
+    `listening`, then a ~70-line traceback, and exited 3; api likewise, without the key."""
+    for command, url in (
+        (["serve", "--port", str(_free_port())], "notaurl"),
+        (["api", "--port", str(_free_port())], "notaurl"),
+        (["serve", "--port", str(_free_port())], "redis://cache:port/0"),
+        (["api", "--port", str(_free_port())], "unix:///run/redis.sock"),
+    ):
+        bad = run_cli(command, {**env, "OPENSEQUENCE_REDIS_URL": url}, tmp_path)
+        assert bad.returncode == 2, (command, url, bad.stderr)
+        assert bad.stderr.strip().count("\n") == 0, bad.stderr
+        assert bad.stderr.startswith("error: OPENSEQUENCE_REDIS_URL: "), bad.stderr
+        assert bad.stdout == ""
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -6,11 +6,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import redis.asyncio
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import ConfigurationError
 from limits.storage import storage_from_string
+
+REDIS_SCHEMES = ("redis", "rediss")
+REDIS_URL_FORM = "redis://HOST:PORT[/DB] or rediss://HOST:PORT[/DB]"
 
 
 @dataclass(frozen=True)
@@ -33,17 +38,25 @@ class RateLimiter:
     a burst across a minute boundary cannot double the budget."""
 
     def __init__(self, rate: str, redis_url: str | None = None, namespace: str = "osq") -> None:
+        """Raises ValueError when no storage can be built from ``redis_url``. Building one
+        connects nothing: a server that does not answer is met by the first request."""
         self.item = parse(rate)
         self._pool: redis.asyncio.ConnectionPool | None = None
         if redis_url:
-            # Our own pool so that shutdown can close its sockets (aclose below).
-            self._pool = redis.asyncio.ConnectionPool.from_url(redis_url)
-            self.storage = storage_from_string(
-                "async+" + redis_url.removeprefix("async+"),
-                implementation="redispy",
-                connection_pool=self._pool,  # type: ignore[arg-type]
-                key_prefix=namespace,
-            )
+            if urlsplit(redis_url).scheme not in REDIS_SCHEMES:
+                # A socket path is neither: redis-py spells it unix://, limits redis+unix://.
+                raise ValueError(f"must be {REDIS_URL_FORM}")
+            try:
+                # Our own pool so that shutdown can close its sockets (aclose below).
+                self._pool = redis.asyncio.ConnectionPool.from_url(redis_url)
+                self.storage = storage_from_string(
+                    "async+" + redis_url,
+                    implementation="redispy",
+                    connection_pool=self._pool,  # type: ignore[arg-type]
+                    key_prefix=namespace,
+                )
+            except (ValueError, ConfigurationError) as exc:
+                raise ValueError(f"{str(exc).rstrip('.')}; expected {REDIS_URL_FORM}") from exc
         else:
             self.storage = storage_from_string("async+memory://")
         self.strategy = MovingWindowRateLimiter(self.storage)

@@ -62,6 +62,7 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     settings = load_settings()
     setup_logging()
     check_mail_url(settings)  # the worker inside would otherwise die unseen
+    check_redis_url(settings)
     migrate(settings.database_url)
     key = run_with_db(settings, _bootstrap)
     if key:
@@ -92,6 +93,18 @@ def check_mail_url(settings: Settings) -> None:
         transport_from_url(settings.mail_url)
     except ValueError as exc:
         fail(f"OPENSEQUENCE_MAIL_URL: {exc}")
+
+
+def check_redis_url(settings: Settings) -> None:
+    """Exit 2 naming OPENSEQUENCE_REDIS_URL when no rate-limit storage can be built from it:
+    the app builds it at startup, where it was a traceback after `listening` and exit 3. A
+    server that does not answer is not found here (nothing connects until a request)."""
+    from opensequence.api.ratelimit import RateLimiter
+
+    try:
+        RateLimiter(settings.rate_limit, settings.redis_url)
+    except ValueError as exc:
+        fail(f"OPENSEQUENCE_REDIS_URL: {exc}")
 
 
 def _serve_background() -> list[BackgroundFactory]:
@@ -146,6 +159,7 @@ def api(
 
     settings = load_settings()
     setup_logging()
+    check_redis_url(settings)
     migrate(settings.database_url)
     _exit_0_after_sigterm()
     uvicorn.run(
