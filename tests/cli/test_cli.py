@@ -130,6 +130,24 @@ def test_a_redis_url_that_builds_no_storage_is_one_line_and_exit_2(
         assert bad.stdout == ""
 
 
+def test_a_busy_metrics_port_is_one_line_and_exit_2(env: dict[str, str], tmp_path: Path) -> None:
+    """It was a traceback ending in `OSError: [Errno 98] Address already in use`, exit 1."""
+    with _listening_socket() as taken:
+        port = taken.getsockname()[1]
+        busy = run_cli(["worker", "--metrics-port", str(port)], env, tmp_path)
+    assert busy.returncode == 2, busy.stderr
+    assert busy.stderr.strip().count("\n") == 0, busy.stderr
+    assert busy.stderr.startswith(f"error: --metrics-port: cannot listen on 127.0.0.1:{port}: ")
+
+
+def _listening_socket() -> socket.socket:
+    """A port someone else is listening on."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

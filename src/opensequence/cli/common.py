@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
@@ -20,6 +21,25 @@ T = TypeVar("T")
 def fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def cannot_listen(flag: str, host: str, port: int, exc: OSError) -> NoReturn:
+    """Exit 2 naming the flag whose address could not be bound (a busy port, mostly)."""
+    fail(f"{flag}: cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+def bind_port(flag: str, host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``, not yet listening, with SO_REUSEADDR as uvicorn and
+    the stdlib HTTP server bind theirs. Commands bind before they migrate, so that a busy port
+    is one line naming ``flag`` and exit 2 before anything starts (the process holds it)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        cannot_listen(flag, host, port, exc)
+    return sock
 
 
 def load_settings() -> Settings:

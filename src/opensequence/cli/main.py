@@ -11,7 +11,15 @@ import typer
 
 from opensequence.api.app import BackgroundFactory
 from opensequence.auth import service as auth
-from opensequence.cli.common import fail, load_settings, migrate, run_with_db, setup_logging
+from opensequence.cli.common import (
+    bind_port,
+    cannot_listen,
+    fail,
+    load_settings,
+    migrate,
+    run_with_db,
+    setup_logging,
+)
 from opensequence.cli.contacts import contacts_app
 from opensequence.config import Settings
 from opensequence.db import Database
@@ -29,6 +37,8 @@ keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(contacts_app, name="contacts")
+
+METRICS_HOST = "127.0.0.1"
 
 HostOpt = Annotated[str, typer.Option("--host", help="Interface to bind.")]
 PortOpt = Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")]
@@ -132,12 +142,18 @@ def worker(
     settings = load_settings()
     setup_logging()
     check_mail_url(settings)
-    migrate(settings.database_url)
     registry = None
     if metrics_port is not None:
+        # Held while migrating: /metrics answers once the worker is about to start its loop.
+        reserved = bind_port("--metrics-port", METRICS_HOST, metrics_port)
+    migrate(settings.database_url)
+    if metrics_port is not None:
+        reserved.close()
         registry = CollectorRegistry()
-        start_http_server(metrics_port, addr="127.0.0.1", registry=registry)
-
+        try:
+            start_http_server(metrics_port, addr=METRICS_HOST, registry=registry)
+        except OSError as exc:
+            cannot_listen("--metrics-port", METRICS_HOST, metrics_port, exc)
     settle()
 
     async def work(db: Database) -> None:
