@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -140,6 +139,25 @@ def test_a_busy_metrics_port_is_one_line_and_exit_2(env: dict[str, str], tmp_pat
     assert busy.stderr.startswith(f"error: --metrics-port: cannot listen on 127.0.0.1:{port}: ")
 
 
+def test_a_port_that_cannot_be_bound_is_one_line_and_exit_2(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """serve printed its key and `listening`, started its app and worker, then logged the bind
+    error and exited 3; api likewise, without the lines on stdout."""
+    with _listening_socket() as taken:
+        port = taken.getsockname()[1]
+        for command in ("serve", "api"):
+            busy = run_cli([command, "--port", str(port)], env, tmp_path)
+            assert busy.returncode == 2, (command, busy.stderr)
+            assert busy.stderr.strip().count("\n") == 0, busy.stderr
+            assert busy.stderr.startswith(f"error: --port: cannot listen on 127.0.0.1:{port}: ")
+            assert busy.stdout == ""
+    elsewhere = run_cli(["serve", "--host", "192.0.2.1", "--port", str(port)], env, tmp_path)
+    assert elsewhere.returncode == 2, elsewhere.stderr
+    assert elsewhere.stderr.strip().count("\n") == 0, elsewhere.stderr
+    assert elsewhere.stderr.startswith(f"error: --host: cannot listen on 192.0.2.1:{port}: ")
+
+
 def _listening_socket() -> socket.socket:
     """A port someone else is listening on."""
     sock = socket.socket()
@@ -179,14 +197,8 @@ def _check_serve(process: subprocess.Popen[str], port: int, lines: list[str]) ->
             listening = process.stdout.readline()
             assert listening, "serve exited early"
             lines.append(listening)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "serve did not come up"
-                time.sleep(0.2)
+        # Printed once it listens (it was printed before uvicorn had even started).
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz")
         assert health.status_code == 200
         keys = [line.split("API key: ", 1)[1].strip() for line in lines if "API key: " in line]
         assert len(keys) == 1, lines  # printed on the first start only

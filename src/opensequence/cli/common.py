@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import sys
@@ -28,17 +29,21 @@ def cannot_listen(flag: str, host: str, port: int, exc: OSError) -> NoReturn:
     fail(f"{flag}: cannot listen on {host}:{port}: {exc.strerror or exc}")
 
 
-def bind_port(flag: str, host: str, port: int) -> socket.socket:
+def bind_port(
+    host: str, port: int, *, port_flag: str, host_flag: str | None = None
+) -> socket.socket:
     """A TCP socket bound to ``host:port``, not yet listening, with SO_REUSEADDR as uvicorn and
     the stdlib HTTP server bind theirs. Commands bind before they migrate, so that a busy port
-    is one line naming ``flag`` and exit 2 before anything starts (the process holds it)."""
+    is one line naming ``port_flag`` and exit 2 before anything starts (the process holds it).
+    A host that does not resolve or is no address of this machine names ``host_flag``."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        cannot_listen(flag, host, port, exc)
+        bad_host = isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+        cannot_listen(host_flag if host_flag and bad_host else port_flag, host, port, exc)
     return sock
 
 

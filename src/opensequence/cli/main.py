@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import uuid
-from typing import Annotated
+from contextlib import suppress
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -25,6 +27,9 @@ from opensequence.config import Settings
 from opensequence.db import Database
 from opensequence.db.types import iso
 from opensequence.heap import settle
+
+if TYPE_CHECKING:
+    import uvicorn
 
 app = typer.Typer(
     help="OpenSequence: self-hostable outbound sequencing engine.",
@@ -73,15 +78,40 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     setup_logging()
     check_mail_url(settings)  # the worker inside would otherwise die unseen
     check_redis_url(settings)
+    sock = bind_port(host, port, port_flag="--port", host_flag="--host")
     migrate(settings.database_url)
     key = run_with_db(settings, _bootstrap)
     if key:
         typer.echo(f"API key: {key}")
-    typer.echo(f"OpenSequence listening on http://{host}:{port} (docs at /docs)")
     application = create_app(settings, background=_serve_background())
     settle()
     _exit_0_after_sigterm()
-    uvicorn.run(application, host=host, port=port, log_config=None)
+    run_server(
+        uvicorn.Config(application, host=host, port=port, log_config=None),
+        sock,
+        announce=f"OpenSequence listening on http://{host}:{port} (docs at /docs)",
+    )
+
+
+def run_server(config: uvicorn.Config, sock: socket.socket, *, announce: str) -> None:
+    """Serve on ``sock`` (from :func:`bind_port`), as ``uvicorn.run`` would, and print
+    ``announce`` once the app has started and the socket listens: the first request after the
+    line is answered. Printed before uvicorn started, the line was false for a moment, and
+    false for good when the port was busy."""
+    import uvicorn
+    from uvicorn.main import STARTUP_FAILURE
+
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                typer.echo(announce)
+
+    server = AnnouncingServer(config)
+    with sock, suppress(KeyboardInterrupt):  # SIGINT: a graceful stop, as under uvicorn.run
+        server.run(sockets=[sock])
+    if not server.started:
+        raise typer.Exit(STARTUP_FAILURE)
 
 
 def _exit_0_after_sigterm() -> None:
@@ -145,7 +175,7 @@ def worker(
     registry = None
     if metrics_port is not None:
         # Held while migrating: /metrics answers once the worker is about to start its loop.
-        reserved = bind_port("--metrics-port", METRICS_HOST, metrics_port)
+        reserved = bind_port(METRICS_HOST, metrics_port, port_flag="--metrics-port")
     migrate(settings.database_url)
     if metrics_port is not None:
         reserved.close()
@@ -176,16 +206,17 @@ def api(
     settings = load_settings()
     setup_logging()
     check_redis_url(settings)
+    sock = bind_port(host, port, port_flag="--port", host_flag="--host")
     migrate(settings.database_url)
     _exit_0_after_sigterm()
-    uvicorn.run(
-        "opensequence.api.factory:app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=None,
-    )
+    with sock:  # uvicorn serves (and its worker processes inherit) a duplicate of it
+        uvicorn.run(
+            "opensequence.api.factory:app",
+            factory=True,
+            fd=sock.fileno(),
+            workers=workers,
+            log_config=None,
+        )
 
 
 @keys_app.command("create")
