@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import httpx
@@ -68,9 +69,6 @@ def test_keys_create_list_revoke(env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_usage_and_config_errors_exit_2_with_one_line(env: dict[str, str], tmp_path: Path) -> None:
-    bad_scope = run_cli(["keys", "create", "--org", "x", "--scope", "root"], env, tmp_path)
-    assert bad_scope.returncode == 1
-    assert "unknown scope" in bad_scope.stderr
     bad_env = run_cli(
         ["keys", "list", "--org", "x"], {**env, "OPENSEQUENCE_DATABASE_URL": "mysql://x"}, tmp_path
     )
@@ -107,8 +105,30 @@ def test_usage_and_config_errors_exit_2_with_one_line(env: dict[str, str], tmp_p
         assert "OPENSEQUENCE_DATABASE_URL: cannot open the database" in unopened.stderr
     bad_id = run_cli(["keys", "revoke", "nope"], env, tmp_path)
     assert bad_id.returncode == 2 and "KEY_ID" in bad_id.stderr
-    unknown_org = run_cli(["keys", "list", "--org", "nobody"], env, tmp_path)
-    assert unknown_org.returncode == 1 and "nobody" in unknown_org.stderr
+
+
+def test_arguments_the_database_refuses_exit_2_naming_the_flag(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """They exited 1 with a message that named no flag."""
+    unknown_key = str(uuid.uuid4())
+    for args, line in (
+        (
+            ["keys", "create", "--org", "x", "--scope", "contacts:read", "--scope", "root"],
+            "--scope: unknown scope 'root'; expected one of sequences:read, sequences:write, "
+            "contacts:read, contacts:write",
+        ),
+        (["keys", "create", "--org", " "], "--org: organization name must not be empty"),
+        (
+            ["keys", "create", "--org", "x" * 257],
+            "--org: organization name must be at most 256 characters",
+        ),
+        (["keys", "list", "--org", "x"], "--org: organization 'x' does not exist"),
+        (["keys", "revoke", unknown_key], f"KEY_ID: API key {unknown_key} does not exist"),
+    ):
+        refused = run_cli(args, env, tmp_path)
+        assert (refused.returncode, refused.stderr) == (2, f"error: {line}\n"), args
+        assert refused.stdout == ""
 
 
 def test_a_redis_url_that_builds_no_storage_is_one_line_and_exit_2(

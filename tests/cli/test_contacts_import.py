@@ -167,10 +167,18 @@ def test_import_usage_errors(database_url: str, env: dict[str, str], tmp_path: P
     missing = run_import(["absent.csv", "--org", "acme"], env, tmp_path)
     assert missing.returncode == 2 and "FILE" in missing.stderr
     (tmp_path / "ok.csv").write_text("email\na@example.com\n", encoding="utf-8")
-    unknown = run_import(["ok.csv", "--org", "nobody"], env, tmp_path)
-    assert unknown.returncode == 1 and "nobody" in unknown.stderr
-    no_seq = run_import(["ok.csv", "--org", "acme", "--sequence", "nope"], env, tmp_path)
-    assert no_seq.returncode == 1 and "nope" in no_seq.stderr
+    # An unknown --org or --sequence exited 1, the code of an import that skipped rows.
+    unknown_id = str(uuid.uuid4())
+    for args, line in (
+        (["--org", "nobody"], "--org: organization 'nobody' does not exist"),
+        (["--org", "acme", "--sequence", "nope"], "--sequence: sequence 'nope' not found"),
+        (
+            ["--org", "acme", "--sequence", unknown_id],
+            f"--sequence: sequence {unknown_id!r} not found",
+        ),
+    ):
+        refused = run_import(["ok.csv", *args], env, tmp_path)
+        assert (refused.returncode, refused.stderr) == (2, f"error: {line}\n"), args
     assert read_all(database_url, Contact) == []
 
 
@@ -243,7 +251,11 @@ def test_import_refuses_sequences_it_cannot_enroll_into(
     )
     (tmp_path / "ok.csv").write_text("email\na@example.com\n", encoding="utf-8")
     refused = run_import(["ok.csv", "--org", "acme", "--sequence", str(one_off)], env, tmp_path)
-    assert refused.returncode == 1 and "continuous" in refused.stderr
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith(
+        "error: --sequence: contacts can only be added to a continuous"
+    )
+    assert refused.stderr.count("\n") == 1
     assert read_all(database_url, Run) == [] and read_all(database_url, Contact) == []
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from opensequence.db.types import utcnow
 from opensequence.errors import Invalid, NotFound
 from opensequence.models import ApiKey, Organization
+from opensequence.models.organization import MAX_ORG_NAME
 
 SCOPES = ("sequences:read", "sequences:write", "contacts:read", "contacts:write")
 FULL_ACCESS = "*"
@@ -59,6 +60,9 @@ def normalise_scopes(scopes: list[str] | None) -> list[str]:
 async def get_or_create_org(session: AsyncSession, name: str) -> Organization:
     if not name.strip():
         raise Invalid("organization name must not be empty")
+    if len(name) > MAX_ORG_NAME:
+        # PostgreSQL refuses a longer one (a traceback in the CLI); SQLite stored it.
+        raise Invalid(f"organization name must be at most {MAX_ORG_NAME} characters")
     org = await session.scalar(select(Organization).where(Organization.name == name))
     if org is None:
         org = Organization(name=name)

@@ -5,7 +5,8 @@ import errno
 import logging
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
 
 import typer
@@ -103,8 +104,19 @@ def migrate(database_url: str) -> None:
         fail(f"OPENSEQUENCE_DATABASE_URL: cannot open the database: {detail[:300]}")
 
 
+@contextmanager
+def flag_errors(flag: str) -> Iterator[None]:
+    """Domain errors raised inside are about the operator's ``flag`` (an unknown organization,
+    scope, key or sequence): SPEC §7's usage error, exit 2 with one line naming it."""
+    try:
+        yield
+    except AppError as exc:
+        fail(f"{flag}: {exc.message}")
+
+
 def run_with_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
-    """Run one async unit of work with a database, translating domain errors to exit code 1."""
+    """Run one async unit of work with a database. A domain error that :func:`flag_errors` did
+    not claim (one met mid-way, not the operator's input) exits 1."""
 
     async def main() -> T:
         db = Database(settings.database_url, pool_size=2)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from opensequence.auth import service as auth
-from opensequence.cli.common import fail, load_settings, migrate, run_with_db
+from opensequence.cli.common import fail, flag_errors, load_settings, migrate, run_with_db
 from opensequence.clock import SystemClock
 from opensequence.contacts import importer
 from opensequence.db import Database
@@ -60,12 +60,14 @@ def import_contacts(
 
     async def work(db: Database) -> tuple[importer.ImportTotals, RunProgress | None]:
         async with db.transaction() as session:
-            organization = await auth.find_org(session, org)
+            with flag_errors("--org"):
+                organization = await auth.find_org(session, org)
             run = None
             if sequence is not None:
-                run = await open_run(
-                    session, organization.id, sequence, kind="import", now=clock.now()
-                )
+                with flag_errors("--sequence"):
+                    run = await open_run(
+                        session, organization.id, sequence, kind="import", now=clock.now()
+                    )
         totals = importer.ImportTotals()
         with (
             file.open(newline="", encoding="utf-8-sig") as handle,

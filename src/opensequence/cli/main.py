@@ -17,6 +17,7 @@ from opensequence.cli.common import (
     bind_port,
     cannot_listen,
     fail,
+    flag_errors,
     load_settings,
     migrate,
     run_with_db,
@@ -229,17 +230,17 @@ def keys_create(
 ) -> None:
     """Create an API key (shown once)."""
     settings = load_settings()
+    with flag_errors("--scope"):
+        auth.normalise_scopes(scope)
     migrate(settings.database_url)
 
     async def work(db: Database) -> auth.CreatedKey:
         async with db.transaction() as session:
-            organization = await auth.get_or_create_org(session, org)
+            with flag_errors("--org"):
+                organization = await auth.get_or_create_org(session, org)
             return await auth.create_key(session, organization, scope)
 
-    try:
-        created = run_with_db(settings, work)
-    except typer.Exit:
-        raise
+    created = run_with_db(settings, work)
     if as_json:
         typer.echo(
             json.dumps(
@@ -261,7 +262,8 @@ def keys_list(
 
     async def work(db: Database) -> list[dict[str, object]]:
         async with db.transaction() as session:
-            organization = await auth.find_org(session, org)
+            with flag_errors("--org"):
+                organization = await auth.find_org(session, org)
             rows = await auth.list_keys(session, organization)
             return [
                 {
@@ -295,7 +297,8 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key_id to revoke
 
     async def work(db: Database) -> str | None:
         async with db.transaction() as session:
-            return iso(await auth.revoke_key(session, parsed))
+            with flag_errors("KEY_ID"):
+                return iso(await auth.revoke_key(session, parsed))
 
     revoked_at = run_with_db(settings, work)
     typer.echo(f"revoked {parsed} at {revoked_at}")
