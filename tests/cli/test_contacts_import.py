@@ -182,6 +182,35 @@ def test_import_usage_errors(database_url: str, env: dict[str, str], tmp_path: P
     assert read_all(database_url, Contact) == []
 
 
+def test_import_refuses_a_header_that_repeats_a_column(
+    database_url: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    """With `email,name,email` the last email column won without a word (and `Email,email`
+    put the second address into custom_data)."""
+    setup_org(database_url)
+    for header, problem in (
+        ("email,name,email", "column 'email' is repeated"),
+        ("email,plan,plan", "column 'plan' is repeated"),
+        ("email,a,a", "column 'a' is repeated"),
+        ("Email,name,email", "column 'email' repeats 'Email' (both are the contact's email)"),
+        (
+            "phone,name,phone_number",
+            "column 'phone_number' repeats 'phone' (both are the contact's phone)",
+        ),
+    ):
+        (tmp_path / "repeated.csv").write_text(
+            f"{header}\na@example.com,A,b@example.com\n", encoding="utf-8"
+        )
+        refused = run_import(["repeated.csv", "--org", "acme"], env, tmp_path)
+        assert (refused.returncode, refused.stderr) == (
+            2,
+            f"error: FILE: repeated.csv: line 1: {problem}\n",
+        ), header
+    assert read_all(database_url, Contact) == []
+    (tmp_path / "blanks.csv").write_text("email,,\na@example.com,x,y\n", encoding="utf-8")
+    assert run_import(["blanks.csv", "--org", "acme"], env, tmp_path).returncode == 0
+
+
 def test_import_into_a_continuous_sequence_makes_one_run(
     database_url: str, env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -55,10 +55,34 @@ class ImportTotals:
     skipped: int = 0
 
 
+_FIELDS = {name: names[0] for names in (_EMAIL, _PHONE, _NAME) for name in names}
+
+
 def _column(header: Sequence[str], names: tuple[str, ...]) -> str | None:
     for column in header:
         if column.strip().lower() in names:
             return column
+    return None
+
+
+def _repeated_column(header: Sequence[str]) -> str | None:
+    """What is wrong with a header in which two columns fill one value: a column named twice
+    (the last cell of a row won without a word), or two that name the same contact field
+    (``Email`` and ``email``, ``phone`` and ``phone_number``: the first won, and the other
+    went into custom_data). Columns without a name are ignored, however many."""
+    seen: dict[tuple[str, str], str] = {}
+    for column in header:
+        if not column.strip():
+            continue
+        field = _FIELDS.get(column.strip().lower())
+        key = ("field", field) if field else ("custom", column)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = column
+            continue
+        if first == column:
+            return f"column {column!r} is repeated"
+        return f"column {column!r} repeats {first!r} (both are the contact's {field})"
     return None
 
 
@@ -89,6 +113,9 @@ def read_rows(handle: TextIO) -> Iterator[CsvRow | BadRow]:
         raise Invalid("FILE: empty file (line 1 must be the header)") from None
     except csv.Error as exc:
         raise Invalid(f"line 1: {exc}") from exc
+    repeated = _repeated_column(header)
+    if repeated is not None:
+        raise Invalid(f"line 1: {repeated}")
     email_col = _column(header, _EMAIL)
     phone_col = _column(header, _PHONE)
     name_col = _column(header, _NAME)
