@@ -357,6 +357,37 @@ async def test_cancel_and_contact_deletion_stop_further_sends(
         assert [r.step_index for r in await messages_of(db, enrollment_id)] == [0]
 
 
+@pytest.mark.parametrize("ended_by", ["cancel", "contact deletion"])
+async def test_a_stop_during_a_batch_stops_the_rest_of_it(
+    db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock, ended_by: str
+) -> None:
+    """The batch was checked once, before its first send: the rest of it went out after the
+    cancel or the deletion had committed, for as long as the batch took (seconds, with a slow
+    provider). Its rest is checked again once the last check is ``recheck_seconds`` old (here
+    0, before every send)."""
+    org = await make_org(db)
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(4)])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    enrollments = await enroll(db, org, sequence_id, contacts, now=clock.now())
+
+    class StoppedAfterTheFirst(Worker):
+        async def _send(self, item: Any, lease: Any) -> Any:
+            outcome = await super()._send(item, lease)
+            if len(sink.sink.received) == 1:
+                await end_enrollment(db, ended_by, org, sequence_id, contacts[-1], clock.now())
+            return outcome
+
+    transport = transport_from_url(smtp_settings.mail_url)
+    worker = StoppedAfterTheFirst(db, transport, smtp_settings, clock=clock, concurrency=1)
+    worker.recheck_seconds = 0
+    await worker.drain()
+    await transport.aclose()
+    expected = ["p0@x.org"] if ended_by == "cancel" else ["p0@x.org", "p1@x.org", "p2@x.org"]
+    assert [str(m["To"]) for m in sink.sink.received] == expected
+    [stopped] = await messages_of(db, enrollments[-1])
+    assert (stopped.status, stopped.reason) == ("skipped", "canceled")
+
+
 async def test_a_canceled_one_off_sequence_ends_the_steps_no_one_can_reach(
     db: Database, worker: Worker, sink: SinkServer, clock: ManualClock
 ) -> None:

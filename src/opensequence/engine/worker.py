@@ -100,6 +100,10 @@ OFF_LOOP_MAIL_CHARS = 16 * 1024
 # A render taking longer than this on the event loop sends the rest of its step's batch off it
 # (a render costs ~40-70 us; one may take up to the CPU budget of mail.templates).
 INLINE_RENDER_SECONDS = 0.005
+# How old the last check of a batch's unsent rest may be when a lane starts its next send (see
+# Worker._send_batch): a cancel, a contact deletion or an unsubscribe that answered stops the
+# batch's sends within about this, plus a send already handed over.
+RECHECK_SECONDS = 0.2
 # The interpreter's switch interval once work runs off the loop (see Worker._off_loop).
 OFF_LOOP_SWITCH_SECONDS = 0.001
 # The longest wait of an enrollment whose step raised while it was decided (see Worker._plan):
@@ -236,6 +240,7 @@ class Worker:
         self.concurrency = concurrency
         self.batch_size = batch_size or concurrency * 10
         self.finish_chunk = max(5 * concurrency, 1)
+        self.recheck_seconds = RECHECK_SECONDS
         self.pipelines = pipelines
         self.render_budget = render_budget
         self.id = worker_id or make_worker_id()
@@ -824,26 +829,38 @@ class Worker:
         the concurrency: each one is a transaction, which on a loaded machine costs ~2-3 ms of
         the event loop's time whatever its size. While a chunk's recording is failing, no
         lane of any batch starts a send (``_recording``); once it works again, the rest of the
-        batch is checked again (``refresh``) before the next send starts."""
+        batch is checked again (``refresh``) before the next send starts.
+
+        The rest of the batch is also checked again once the last check is
+        ``recheck_seconds`` old. Checked once before the first send, a batch went on sending for
+        (batch size / concurrency) x the provider's time per message after a cancel, a contact
+        deletion or an unsubscribe had answered: 2-3 s with a provider taking 0.3 s. A batch
+        that goes out faster than that is not checked again."""
         if not sends:
             return
         queue = collections.deque(sends)
         done: list[tuple[_Send, SendError | None]] = []
         ready = asyncio.Event()
         # Pauses of the recording gate seen by this batch's lanes, and how many of them the
-        # rest of the batch has been checked again after (see refresh).
+        # rest of the batch has been checked again after (see refresh); when the last check
+        # (run_once's, just before) read the database.
         pauses = checked = 0
+        loop = asyncio.get_running_loop()
+        checked_at = loop.time()
         refreshing = asyncio.Lock()
 
+        def stale() -> bool:
+            return checked != pauses or loop.time() - checked_at >= self.recheck_seconds
+
         async def refresh() -> None:
-            """Check what is left of the batch again after a pause: the recheck before the sends
-            began may be seconds old, and an unsubscribe or a cancel may have committed while
-            this worker could not record (the API reaching the database when it did not)."""
-            nonlocal checked
+            """Check what is left of the batch again: the last check may be too old, and after
+            a pause an unsubscribe or a cancel may have committed while this worker could not
+            record (the API reaching the database when it did not)."""
+            nonlocal checked, checked_at
             async with refreshing:
-                if checked == pauses:
-                    return
-                seen = pauses
+                if not stale():
+                    return  # another lane checked meanwhile
+                seen, started = pauses, loop.time()
                 try:
                     kept = await self._recheck(list(queue))
                 except (DBAPIError, OSError) as exc:
@@ -853,7 +870,7 @@ class Worker:
                     kept = []
                 queue.clear()
                 queue.extend(kept)
-                checked = seen
+                checked, checked_at = seen, started
 
         async def lane() -> None:
             nonlocal pauses
@@ -865,7 +882,7 @@ class Worker:
                         if not self._recording.is_set():
                             pauses += 1
                             await self._recording.wait()
-                        if checked != pauses:
+                        if stale():
                             await refresh()
                             if not queue:
                                 break
