@@ -614,6 +614,65 @@ async def test_a_worker_moving_a_contact_on_waits_for_an_edit_of_its_steps(
     assert waiting["next_step_at"] == iso(clock.now() + timedelta(days=1))
 
 
+async def greylisted_second_step(
+    db: Database, settings: Settings, clock: ManualClock, tenant: Tenant, server: SinkServer
+) -> tuple[Worker, str, list[dict[str, Any]]]:
+    """Two zero-delay steps for one contact, drained once: the first sent, the second answered
+    451 and waiting for its retry."""
+    worker = make_worker(db, settings.model_copy(update={"mail_url": server.url}), clock)
+    steps = [email_step(subject="A"), email_step(subject="B")]
+    created = await tenant.client.post("/sequences", json={"name": "s", "steps": steps})
+    sequence_id = created.json()["id"]
+    await tenant.client.post(
+        f"/sequences/{sequence_id}/contacts", json={"contacts": [{"email": "a@x.org"}]}
+    )
+    await worker.drain()
+    return worker, sequence_id, steps
+
+
+@pytest.mark.parametrize("ended_by", ["removing the step", "a cancel while claimed"])
+async def test_a_retry_nothing_will_send_is_settled(
+    app: FastAPI,
+    db: Database,
+    settings: Settings,
+    clock: ManualClock,
+    tenant: Tenant,
+    monkeypatch: pytest.MonkeyPatch,
+    ended_by: str,
+) -> None:
+    """The second step's record waits for its retry (``sending``). Its step removed, the
+    enrollment completed and the record stayed ``sending`` for good; so it did when a cancel
+    committed while the worker held the claim and then decided to wait (here for a window):
+    the cancel leaves held records to their worker, which only settled the ones it sent."""
+    app.state.clock = clock
+    with SinkServer(Sink(lambda n: "451 4.7.1 greylisted" if n == 1 else None)) as server:
+        worker, sequence_id, steps = await greylisted_second_step(
+            db, settings, clock, tenant, server
+        )
+        path = f"/sequences/{sequence_id}"
+        if ended_by == "removing the step":
+            assert (await tenant.client.patch(path, json={"steps": steps[:1]})).is_success
+        else:
+            closed = {"days": ["sun"], "start": "09:00", "end": "10:00", "timezone": "UTC"}
+            assert (await tenant.client.patch(path, json={"send_window": closed})).is_success
+            plan = worker._plan
+
+            async def cancel_then_plan(*args: Any) -> Any:
+                assert (await tenant.client.put(f"{path}/cancel")).is_success
+                return await plan(*args)
+
+            monkeypatch.setattr(worker, "_plan", cancel_then_plan)
+        clock.advance(minutes=5)  # past the retry's backoff
+        await worker.drain()
+        await worker.transport.aclose()
+        assert len(server.sink.received) == 1
+    rows = await messages_for(db, sequence_id=uuid.UUID(sequence_id))
+    assert [(m.step_index, m.status, m.reason) for m in rows] == [
+        (0, "sent", None),
+        (1, "skipped", "canceled"),
+    ]
+
+
 # ------------------------------------------------------------------------------ send windows
 
 

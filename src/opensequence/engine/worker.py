@@ -476,12 +476,15 @@ class Worker:
             return 0
         by_index = steps_by_index.get(item.sequence_id, {})
         step = by_index.get(item.current_step)
+        row = loaded.existing.get((item.id, item.current_step))
         if step is None:
+            if row is not None and row.status == "sending":
+                # Its retry was pending when the step was removed: nothing will send it.
+                plan.message_changes.append(_message_change(row.id, "skipped", "canceled"))
             plan.follow(item, _ended(item, "completed"))
             return 0
         next_step = by_index.get(item.current_step + 1)
         next_delay = None if next_step is None else float(next_step.delay_in_minutes)
-        row = loaded.existing.get((item.id, item.current_step))
         if row is not None and row.status != "sending":
             # Settled by a worker that lost its lease before it could advance.
             if row.status == "failed":
@@ -631,6 +634,13 @@ class Worker:
             now,
         )
         await repo.update_messages(session, plan.message_changes, now)
+        # A send record left waiting for its retry whose enrollment a cancel or a contact
+        # deletion ended while this worker held it (they leave held records to their worker):
+        # only the batch's sends were settled later, and it stayed ``sending`` for good.
+        # Messages before enrollments, the order every writer keeps (no deadlock).
+        sending = {p[1] for p in pending}
+        waiting = [r.id for r in loaded.existing.values() if r.status == "sending"]
+        await repo.settle_abandoned(session, [i for i in waiting if i not in sending], now)
         await repo.update_enrollments(session, enrollment_changes, worker=self.id, now=now)
         await repo.release(session, plan.deferred, worker=self.id)
         return pending

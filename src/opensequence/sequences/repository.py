@@ -281,9 +281,9 @@ async def cancel_active_enrollments(
 ) -> int:
     """Cancel the active enrollments of a sequence or of one run, in one UPDATE.
 
-    A worker may hold a lease on one of these rows and be mid-send: the engine must re-check
-    ``status`` under its claim before sending, so a send already recorded goes out but nothing
-    after it.
+    A worker may hold a lease on one of these rows and be mid-send: it loses the lease here,
+    and re-checks ``status`` before sending, so a send already handed over goes out but
+    nothing after it.
     """
     query = update(Enrollment).where(Enrollment.status == "active")
     if sequence_id is not None:
@@ -305,7 +305,14 @@ async def cancel_active_enrollments(
     )
     result = await session.execute(
         query.values(
-            status="canceled", next_step_at=None, waiting_reason=None, updated_at=now
+            status="canceled",
+            next_step_at=None,
+            waiting_reason=None,
+            # The worker holding one loses its lease, as on a contact deletion: a canceled
+            # enrollment whose worker then found nothing to write kept it for good.
+            locked_until=None,
+            locked_by=None,
+            updated_at=now,
         ).execution_options(synchronize_session=False)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
