@@ -26,6 +26,7 @@ from opensequence.config import Settings
 from opensequence.db import Database
 from opensequence.db.types import iso
 from opensequence.deliverability.repository import lock_senders
+from opensequence.engine import repository as engine_repo
 from opensequence.engine import throttle
 from opensequence.engine.worker import Worker
 from opensequence.models import Message, SenderLimit, Sequence, SequenceStep
@@ -671,6 +672,55 @@ async def test_a_retry_nothing_will_send_is_settled(
         (0, "sent", None),
         (1, "skipped", "canceled"),
     ]
+
+
+@pytest.mark.parametrize("ended_by", ["cancel", "contact deletion"])
+async def test_a_stop_racing_a_retrys_record_settles_it(
+    backend: str,
+    app: FastAPI,
+    db: Database,
+    settings: Settings,
+    clock: ManualClock,
+    tenant: Tenant,
+    monkeypatch: pytest.MonkeyPatch,
+    ended_by: str,
+) -> None:
+    """The stop begins while the worker records a 451 (the retry's record ``sending``, the
+    lease released, not yet committed): the stop saw the record held and left it to the worker,
+    which had seen the enrollment active and settled nothing. The stop now reads the records
+    again once its enrollment ``UPDATE`` has waited for the worker."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite runs one writing transaction at a time")
+    app.state.clock = clock
+    created = await tenant.client.post("/sequences", json={"name": "s", "steps": [email_step()]})
+    sequence_id = created.json()["id"]
+    await tenant.client.post(
+        f"/sequences/{sequence_id}/contacts", json={"contacts": [{"email": "a@x.org"}]}
+    )
+    [contact] = (await tenant.client.get("/contacts")).json()["items"]
+    contact_id = contact["id"]
+    stops: list[asyncio.Task[httpx.Response]] = []
+    settle = engine_repo.settle_abandoned
+
+    async def settle_then_stop(session: Any, ids: Any, now: datetime) -> None:
+        ids = list(ids)
+        await settle(session, ids, now)
+        if ids and not stops:  # the retry's record, in the transaction recording it
+            if ended_by == "cancel":
+                stop = tenant.client.put(f"/sequences/{sequence_id}/cancel")
+            else:
+                stop = tenant.client.delete(f"/contacts/{contact_id}")
+            stops.append(asyncio.create_task(stop))
+            await until_blocked(db, None, stops[0])
+
+    monkeypatch.setattr(engine_repo, "settle_abandoned", settle_then_stop)
+    with SinkServer(Sink(lambda n: "451 4.7.1 greylisted")) as server:
+        worker = make_worker(db, settings.model_copy(update={"mail_url": server.url}), clock)
+        await worker.drain()
+        await worker.transport.aclose()
+    assert (await stops[0]).status_code == 200
+    [record] = await messages_for(db, sequence_id=uuid.UUID(sequence_id))
+    assert (record.status, record.reason) == ("skipped", "canceled")
 
 
 # ------------------------------------------------------------------------------ send windows

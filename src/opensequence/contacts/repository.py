@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.db.bulk import sqlite_datetime, sqlite_executemany, sqlite_uuid
 from opensequence.db.dialect import member_of
-from opensequence.enrollments.repository import unheld_send
+from opensequence.enrollments.repository import clear_leases, settle_released, unheld_send
 from opensequence.models import Contact, Enrollment, Message
 
 T = TypeVar("T")
@@ -286,7 +286,7 @@ async def delete_contact(
     session: AsyncSession, org_id: uuid.UUID, contact_id: uuid.UUID, *, now: datetime
 ) -> None:
     """Cancel the contact's active enrollments, drop its address from delivery history, delete
-    the row: three statements in the caller's transaction, so a worker either sees the contact
+    the row: a few statements in the caller's transaction, so a worker either sees the contact
     with its enrollments active or sees them canceled and the contact gone.
 
     A worker that already claimed one of these enrollments (lease in ``locked_until``) loses
@@ -313,13 +313,11 @@ async def delete_contact(
             Enrollment.contact_id == contact_id,
             Enrollment.status == "active",
         )
-        .values(
-            status="canceled",
-            next_step_at=None,
-            locked_until=None,
-            locked_by=None,
-            waiting_reason=None,
-            updated_at=now,
-        )
+        .values(status="canceled", next_step_at=None, waiting_reason=None, updated_at=now)
     )
+    theirs = select(Enrollment.id).where(
+        Enrollment.org_id == org_id, Enrollment.contact_id == contact_id
+    )
+    await settle_released(session, theirs, now, drop_address=True)
+    await clear_leases(session, theirs)
     await session.execute(delete(Contact).where(Contact.org_id == org_id, Contact.id == contact_id))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence as Seq
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from opensequence.db.dialect import dialect_name
 from opensequence.models import Enrollment, Message
 
 
@@ -23,6 +25,44 @@ def unheld_send(now: datetime) -> ColumnElement[bool]:
         Enrollment.locked_until > now,
     )
     return and_(Message.status == "sending", ~held)
+
+
+async def settle_released(
+    session: AsyncSession, theirs: Select[Any], now: datetime, *, drop_address: bool = False
+) -> None:
+    """The second pass of a stop (a cancel, a contact deletion) over the send records of the
+    enrollments ``theirs``, once it has canceled them and before it clears their leases.
+
+    The first pass ran before, while the leases still told which records a worker holds. A
+    worker recording a retry at that moment still held its claim, and settled nothing itself
+    (the enrollment was active in its snapshot); the stop's enrollment ``UPDATE`` then waited
+    for that worker's commit, and the record stayed ``sending`` for good. Read again now, it is
+    no longer held. Records a worker has locked now are skipped (``SKIP LOCKED``): that worker
+    settles them once it finds the enrollment ended, and waiting for them could deadlock (it
+    may be waiting for the enrollments this transaction holds)."""
+    ids = select(Message.id).where(unheld_send(now), Message.enrollment_id.in_(theirs))
+    if dialect_name(session) == "postgresql":
+        ids = ids.with_for_update(skip_locked=True)
+    values: dict[str, Any] = {"status": "skipped", "reason": "canceled", "updated_at": now}
+    if drop_address:
+        values["to_email"] = None
+    await session.execute(
+        update(Message)
+        .where(Message.id.in_(ids))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def clear_leases(session: AsyncSession, theirs: Select[Any]) -> None:
+    """The last step of a stop: the workers holding any of the enrollments ``theirs`` lose
+    their leases (their writes are guarded by ``status = 'active'`` as well)."""
+    await session.execute(
+        update(Enrollment)
+        .where(Enrollment.id.in_(theirs), Enrollment.locked_by.is_not(None))
+        .values(locked_until=None, locked_by=None)
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def wake_waiting(

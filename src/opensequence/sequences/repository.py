@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from opensequence.clock import LATEST, minutes_after
 from opensequence.db.types import UTCDateTime
-from opensequence.enrollments.repository import unheld_send
+from opensequence.enrollments.repository import clear_leases, settle_released, unheld_send
 from opensequence.filters import CompositeFilter, compile_filter
 from opensequence.models import Contact, Enrollment, Message, Run, Sequence, SequenceStep
 
@@ -305,16 +305,13 @@ async def cancel_active_enrollments(
     )
     result = await session.execute(
         query.values(
-            status="canceled",
-            next_step_at=None,
-            waiting_reason=None,
-            # The worker holding one loses its lease, as on a contact deletion: a canceled
-            # enrollment whose worker then found nothing to write kept it for good.
-            locked_until=None,
-            locked_by=None,
-            updated_at=now,
+            status="canceled", next_step_at=None, waiting_reason=None, updated_at=now
         ).execution_options(synchronize_session=False)
     )
+    await settle_released(session, theirs, now)
+    # The worker holding one loses its lease, as on a contact deletion: a canceled enrollment
+    # whose worker then found nothing to write kept it for good.
+    await clear_leases(session, theirs)
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
