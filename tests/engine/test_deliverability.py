@@ -439,11 +439,9 @@ async def test_a_limit_lifted_while_a_worker_waits_to_count_is_not_applied(
     assert len(sink.sink.received) == 2
 
 
-async def test_a_send_waiting_for_a_window_goes_out_once_the_window_is_removed(
-    app: FastAPI, db: Database, worker: Worker, sink: SinkServer, clock: ManualClock, tenant: Tenant
-) -> None:
-    """It waited for the old window's next opening (here the Monday), where null means any
-    time."""
+async def due_outside_a_monday_window(app: FastAPI, clock: ManualClock, tenant: Tenant) -> str:
+    """A sequence sending only on Mondays 09:00-17:00 UTC, one contact due on a Friday
+    evening; the API on ``clock``."""
     app.state.clock = clock
     clock.set(datetime(2026, 3, 6, 18, 0, tzinfo=UTC))  # a Friday, after hours
     window = {"days": ["mon"], "start": "09:00", "end": "17:00", "timezone": "UTC"}
@@ -451,10 +449,19 @@ async def test_a_send_waiting_for_a_window_goes_out_once_the_window_is_removed(
         "/sequences", json={"name": "w", "steps": [email_step()], "send_window": window}
     )
     assert created.status_code == 201, created.text
-    sequence_id = created.json()["id"]
+    sequence_id: str = created.json()["id"]
     await tenant.client.post(
         f"/sequences/{sequence_id}/contacts", json={"contacts": [{"email": "a@x.org"}]}
     )
+    return sequence_id
+
+
+async def test_a_send_waiting_for_a_window_goes_out_once_the_window_is_removed(
+    app: FastAPI, db: Database, worker: Worker, sink: SinkServer, clock: ManualClock, tenant: Tenant
+) -> None:
+    """It waited for the old window's next opening (here the Monday), where null means any
+    time."""
+    sequence_id = await due_outside_a_monday_window(app, clock, tenant)
     await worker.drain()
     path = f"/sequences/{sequence_id}/enrollments"
     [waiting] = (await tenant.client.get(path)).json()["items"]
@@ -516,16 +523,7 @@ async def test_a_window_removed_while_a_worker_decides_a_step_lets_it_go_out(
 ) -> None:
     """The ``PATCH`` commits after the worker read the window (and decided to wait for its
     opening, the Monday) but before it wrote that wait: the wake could not see it."""
-    app.state.clock = clock
-    clock.set(datetime(2026, 3, 6, 18, 0, tzinfo=UTC))  # a Friday, after hours
-    window = {"days": ["mon"], "start": "09:00", "end": "17:00", "timezone": "UTC"}
-    created = await tenant.client.post(
-        "/sequences", json={"name": "w", "steps": [email_step()], "send_window": window}
-    )
-    sequence_id = created.json()["id"]
-    await tenant.client.post(
-        f"/sequences/{sequence_id}/contacts", json={"contacts": [{"email": "a@x.org"}]}
-    )
+    sequence_id = await due_outside_a_monday_window(app, clock, tenant)
     clock.advance(seconds=1)
     plan = worker._plan
     removed: list[httpx.Response] = []
