@@ -764,20 +764,21 @@ class Worker:
         if len(live) == len(sends) and not blocked:
             return sends
         async with self.db.transaction() as session:
+            now = self.clock.now()
+            # Moved on past the skipped step as a send would be (the sequence held first).
+            skipped = [item for item in sends if item.claimed.id in blocked]
+            enrollments = await self._advance(session, skipped, now)
             state = await repo.recheck(
                 session, (s.claimed.id for s in sends if s.claimed.id not in live), worker=self.id
             )
             keep = [i for i in sends if i.claimed.id in live and i.claimed.id not in blocked]
-            now = self.clock.now()
             messages: list[dict[str, Any]] = []
-            enrollments: list[dict[str, Any]] = []
             released: list[uuid.UUID] = []
             abandoned: list[uuid.UUID] = []
             for item in sends:
                 suppressed = blocked.get(item.claimed.id)
                 if suppressed is not None:
                     messages.append(_message_change(item.message_row, "skipped", suppressed))
-                    enrollments.append(_advanced(item.claimed, item.next_delay, now))
                     continue
                 found = state.get(item.claimed.id)
                 if found is None:
