@@ -107,6 +107,25 @@ def test_usage_and_config_errors_exit_2_with_one_line(env: dict[str, str], tmp_p
     assert bad_id.returncode == 2 and "KEY_ID" in bad_id.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["keys", "create"], "--org"),
+        (["worker", "--concurrency", "0"], "--concurrency"),
+        (["keys", "list", "--org", "x", "--bogus"], "--bogus"),
+    ],
+)
+def test_a_usage_error_is_one_line_naming_the_flag(
+    args: list[str], flag: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    """SPEC §7: exit 2 with a one-line message naming the flag. Typer's own form was five
+    lines, the message boxed between the usage and the rules."""
+    result = run_cli(args, env, tmp_path)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and flag in line
+
+
 def test_arguments_the_database_refuses_exit_2_naming_the_flag(
     env: dict[str, str], tmp_path: Path
 ) -> None:

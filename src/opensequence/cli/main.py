@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import sys
 import uuid
 from contextlib import suppress
 from typing import TYPE_CHECKING, Annotated
@@ -305,4 +306,28 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key_id to revoke
 
 
 def main() -> None:
-    app()
+    """The ``opensequence`` command. A usage error (a missing option, a value out of range, an
+    unknown option) is one line naming the flag and exit 2, as SPEC §7 says of usage errors:
+    Typer's own form is five lines in a box."""
+    try:  # a recent Typer carries its own copy of click
+        from typer._click import exceptions as click
+    except ImportError:  # pragma: no cover - an older Typer uses click itself
+        from click import exceptions as click  # type: ignore[no-redef]
+
+    try:
+        code = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as exc:
+        exc.show()  # the help, as for --help
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        message = " ".join(exc.format_message().split())
+        typer.echo(f"error: {message}{where}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
