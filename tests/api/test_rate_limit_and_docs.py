@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import uuid
 
 import httpx
@@ -83,6 +84,26 @@ async def test_two_app_instances_share_one_budget_through_redis(settings: Settin
     with redis.Redis.from_url(REDIS_URL) as client:
         for key in client.scan_iter(f"{namespace}*"):
             client.delete(key)
+
+
+async def test_an_unreachable_redis_lets_requests_through_uncounted(
+    app: FastAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every authenticated request answered 500 while the shared rate-limit storage was down.
+    The limit guards the API; its store's outage now leaves the API up, logged."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]  # nothing listens once the socket is closed
+    await app.state.rate_limiter.aclose()
+    app.state.rate_limiter = RateLimiter("100/minute", f"redis://127.0.0.1:{closed}/0")
+    tenant = await make_tenant(app, "unlimited")
+    async with tenant.client:
+        for _ in range(2):
+            response = await tenant.client.get("/me")
+            assert response.status_code == 200, response.text
+            assert "ratelimit-remaining" not in response.headers
+    warnings = [r for r in caplog.records if "rate-limit storage unreachable" in r.message]
+    assert len(warnings) == 1
 
 
 async def test_docs_load_with_assets_served_locally(anonymous: httpx.AsyncClient) -> None:

@@ -3,12 +3,14 @@ storage shared by many API processes (``OPENSEQUENCE_REDIS_URL``)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import redis.asyncio
+import redis.exceptions
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import ConfigurationError
@@ -16,6 +18,12 @@ from limits.storage import storage_from_string
 
 REDIS_SCHEMES = ("redis", "rediss")
 REDIS_URL_FORM = "redis://HOST:PORT[/DB] or rediss://HOST:PORT[/DB]"
+# How long the shared storage may take to connect or answer before a request goes through
+# without counting (see RateLimiter.hit); how often that is logged while it lasts.
+REDIS_TIMEOUT_SECONDS = 1.0
+UNCOUNTED_LOG_SECONDS = 10.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,8 +32,12 @@ class RateDecision:
     limit: int
     remaining: int
     reset_seconds: int
+    # False when the shared storage could not be reached: the request was not counted.
+    counted: bool = True
 
     def headers(self) -> dict[str, str]:
+        if not self.counted:
+            return {}
         return {
             "RateLimit-Limit": str(self.limit),
             "RateLimit-Remaining": str(self.remaining),
@@ -48,7 +60,11 @@ class RateLimiter:
                 raise ValueError(f"must be {REDIS_URL_FORM}")
             try:
                 # Our own pool so that shutdown can close its sockets (aclose below).
-                self._pool = redis.asyncio.ConnectionPool.from_url(redis_url)
+                self._pool = redis.asyncio.ConnectionPool.from_url(
+                    redis_url,
+                    socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+                    socket_timeout=REDIS_TIMEOUT_SECONDS,
+                )
                 self.storage = storage_from_string(
                     "async+" + redis_url,
                     implementation="redispy",
@@ -60,10 +76,22 @@ class RateLimiter:
         else:
             self.storage = storage_from_string("async+memory://")
         self.strategy = MovingWindowRateLimiter(self.storage)
+        self._uncounted_logged_at = -math.inf
 
     async def hit(self, key: str) -> RateDecision:
-        allowed = await self.strategy.hit(self.item, key)
-        stats = await self.strategy.get_window_stats(self.item, key)
+        """Count a request of ``key``. When the shared storage (Redis) cannot be reached, the
+        request goes through uncounted, without rate-limit headers, and a warning is logged
+        (every :data:`UNCOUNTED_LOG_SECONDS` while it lasts): the limit guards the API, and an
+        outage of its store should not stop the API (every authenticated request answered
+        500 until Redis came back)."""
+        try:
+            allowed = await self.strategy.hit(self.item, key)
+            stats = await self.strategy.get_window_stats(self.item, key)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            if time.monotonic() - self._uncounted_logged_at >= UNCOUNTED_LOG_SECONDS:
+                self._uncounted_logged_at = time.monotonic()
+                log.warning("rate-limit storage unreachable, requests go uncounted: %s", exc)
+            return RateDecision(True, self.item.amount, self.item.amount, 0, counted=False)
         reset = max(0, math.ceil(stats.reset_time - time.time()))
         return RateDecision(
             allowed=allowed,
