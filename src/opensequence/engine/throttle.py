@@ -98,6 +98,8 @@ async def admit(
     if not requests:
         return {}
     limits = await _limits(session, requests)
+    if not limits:
+        return {}
     wanted = _wanted(requests, limits)
     limited = sorted({key for keys in wanted.values() for key in keys}, key=str)
     if not limited:
