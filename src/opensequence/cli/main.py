@@ -91,8 +91,13 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
     run_server(
         uvicorn.Config(application, host=host, port=port, log_config=None),
         sock,
-        announce=f"OpenSequence listening on http://{host}:{port} (docs at /docs)",
+        announce=f"OpenSequence listening on http://{_url_host(host)}:{port} (docs at /docs)",
     )
+
+
+def _url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets (``http://[::1]:8000``)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def run_server(config: uvicorn.Config, sock: socket.socket, *, announce: str) -> None:
