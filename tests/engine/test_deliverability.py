@@ -29,6 +29,7 @@ from opensequence.deliverability.repository import lock_senders
 from opensequence.engine import repository as engine_repo
 from opensequence.engine import throttle
 from opensequence.engine.worker import Worker
+from opensequence.mail.transports import transport_from_url
 from opensequence.models import Message, SenderLimit, Sequence, SequenceStep
 from tests.engine.factories import email_step, enroll, make_contacts, make_sequence, make_worker
 from tests.engine.sink import Sink, SinkServer
@@ -314,6 +315,45 @@ async def limited_sends(
     return sequence_id
 
 
+async def test_a_limited_send_not_handed_over_in_time_is_reserved_again(
+    db: Database, smtp_settings: Settings, sink: SinkServer, clock: ManualClock, tenant: Tenant
+) -> None:
+    """``per_second: 2``. Worker A reserves two sends, then (a loaded machine) reaches the
+    provider 3 s later, after worker B, no longer counting A's old reservations, sent two of
+    its own: four hand-overs in one second. A send counted by a limit now goes out within 2 s
+    of its claim or is put back and reserved again."""
+    limit = await tenant.client.put("/sender-limits/example.com", json={"per_second": 2})
+    assert limit.status_code == 200, limit.text
+    org = tenant.org_id
+    contacts = await make_contacts(db, org, [{"email": f"p{i}@x.org"} for i in range(4)])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    await enroll(db, org, sequence_id, contacts, now=clock.now())
+    other = make_worker(db, smtp_settings, clock, worker_id="B")
+    late: list[bool] = []
+
+    class Late(Worker):
+        async def _recheck(self, sends: list[Any]) -> list[Any]:
+            kept = await super()._recheck(sends)
+            if not late:
+                late.append(True)
+                clock.advance(seconds=3)
+                await other.drain()
+            return kept
+
+    transport = transport_from_url(smtp_settings.mail_url, pool_size=4)
+    worker = Late(db, transport, smtp_settings, clock=clock, concurrency=4, worker_id="A")
+    await worker.drain()
+    assert len(sink.sink.received) == 2
+    for _ in range(5):
+        clock.advance(seconds=1)
+        await worker.drain()
+    await transport.aclose()
+    await other.transport.aclose()
+    sent = await messages_for(db, sequence_id=sequence_id)
+    assert [m.status for m in sent] == ["sent"] * 4
+    assert_sliding_limit([m.sent_at for m in sent if m.sent_at], timedelta(seconds=1), 2)
+
+
 async def test_a_failed_attempt_does_not_count_against_a_limit(
     db: Database, settings: Settings, clock: ManualClock, tenant: Tenant
 ) -> None:
@@ -406,12 +446,12 @@ async def test_a_limit_lifted_while_a_worker_holds_sends_back_wakes_them(
     lifted: list[asyncio.Task[httpx.Response]] = []
     admit = throttle.admit
 
-    async def admit_then_lift(*args: Any) -> dict[Any, datetime]:
-        waits = await admit(*args)
-        if waits and not lifted:
+    async def admit_then_lift(*args: Any) -> throttle.Admission:
+        admission = await admit(*args)
+        if admission.waits and not lifted:
             lifted.append(asyncio.create_task(tenant.client.delete("/sender-limits/example.com")))
             await until_blocked(db, "advisory", lifted[0])
-        return waits
+        return admission
 
     monkeypatch.setattr(throttle, "admit", admit_then_lift)
     await worker.drain()

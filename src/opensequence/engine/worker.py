@@ -132,6 +132,8 @@ class _Send:
     one_off: bool
     # The sequence's ``updated_at`` as the batch read it (see Worker._advance).
     sequence_version: datetime
+    # Counted by a sender limit at the claim (``date``), see Worker._send.
+    limited: bool = False
 
     def outgoing(self) -> Outgoing:
         """The wire form. Built right before the hand-over rather than while the batch is
@@ -188,6 +190,8 @@ class _Plan:
     follows: list[tuple[uuid.UUID, uuid.UUID]] = field(default_factory=list)
     finished: dict[str, int] = field(default_factory=dict)
     one_off: bool = False
+    # The pending sends (by enrollment) that a sender limit counted (see Worker._send).
+    limited: set[uuid.UUID] = field(default_factory=set)
     # Claimed but left undecided, the batch's render budget being spent: released untouched.
     deferred: list[uuid.UUID] = field(default_factory=list)
 
@@ -365,7 +369,7 @@ class Worker:
             await self._release_quietly([item.id for item in claimed])
             raise
         self._count(plan.finished)
-        sends = await self._sends(pending, loaded, now)
+        sends = await self._sends(pending, loaded, now, plan.limited)
         one_off = plan.one_off
         lease = _Lease(now + self.lease)
         sends = await self._recheck(sends)
@@ -593,7 +597,7 @@ class Worker:
                 if row["contact_id"] not in present:
                     row["to_email"] = None
         pending = plan.pending
-        waits = await throttle.admit(
+        admission = await throttle.admit(
             session,
             [
                 throttle.Request(p[0].id, p[0].org_id, p[4].rendered["from_email"])
@@ -602,6 +606,7 @@ class Worker:
             ],
             now,
         )
+        waits, plan.limited = admission.waits, admission.limited
         new_rows, enrollment_changes = plan.new_rows, plan.enrollment_changes
         if waits:
             enrollment_changes = enrollment_changes + [
@@ -645,7 +650,11 @@ class Worker:
         await repo.release(session, plan.deferred, worker=self.id)
         return pending
 
-    async def _sends(self, pending: list[_Pending], loaded: _Loaded, now: datetime) -> list[_Send]:
+    async def _sends(
+        self, pending: list[_Pending], loaded: _Loaded, now: datetime, limited: set[uuid.UUID]
+    ) -> list[_Send]:
+        """The pending sends to hand over, those a sender limit counted first: they must go out
+        within :data:`throttle.RESERVATION` of the claim (see :meth:`_send`)."""
         slices = Slices()
         sends: list[_Send] = []
         for item, row_id, attempts, first_at, decision, message_id, next_delay in pending:
@@ -663,8 +672,11 @@ class Worker:
                     next_delay=next_delay,
                     one_off=not loaded.sequences[item.sequence_id].is_continuous,
                     sequence_version=loaded.sequences[item.sequence_id].updated_at,
+                    limited=item.id in limited,
                 )
             )
+        if limited:
+            sends.sort(key=lambda send: not send.limited)
         return sends
 
     async def _release_quietly(self, ids: list[uuid.UUID]) -> None:
@@ -931,6 +943,11 @@ class Worker:
     async def _send(self, item: _Send, lease: _Lease) -> tuple[_Send, SendError | None]:
         if self._stopping or self.clock.now() >= lease.until:
             return item, _NotSent("not sent: worker stopping or lease expiring")
+        if item.limited and self.clock.now() - item.date > throttle.RESERVATION:
+            # Other workers count its reservation only so long (see throttle._in_window):
+            # handed over later, it could make more sends in a window than the limit allows.
+            # Released, it is claimed and reserved again.
+            return item, _NotSent("not sent: its sender-limit reservation ran out")
         try:
             rendered = item.rendered
             if len(rendered["body"]) + len(rendered["subject"]) >= OFF_LOOP_MAIL_CHARS:
