@@ -669,7 +669,9 @@ async def greylisted_second_step(
     return worker, sequence_id, steps
 
 
-@pytest.mark.parametrize("ended_by", ["removing the step", "a cancel while claimed"])
+@pytest.mark.parametrize(
+    "ended_by", ["removing the step", "a cancel while claimed", "its sequence found canceled"]
+)
 async def test_a_retry_nothing_will_send_is_settled(
     app: FastAPI,
     db: Database,
@@ -691,6 +693,20 @@ async def test_a_retry_nothing_will_send_is_settled(
         path = f"/sequences/{sequence_id}"
         if ended_by == "removing the step":
             assert (await tenant.client.patch(path, json={"steps": steps[:1]})).is_success
+        elif ended_by == "its sequence found canceled":
+            # As when a cancel commits between the claim and the worker's read of the
+            # sequence: the worker ends the enrollment itself.
+            load = worker._load
+
+            async def cancel_then_load(session: Any, claimed: Any) -> Any:
+                await session.execute(
+                    update(Sequence)
+                    .where(Sequence.id == uuid.UUID(sequence_id))
+                    .values(status="canceled")
+                )
+                return await load(session, claimed)
+
+            monkeypatch.setattr(worker, "_load", cancel_then_load)
         else:
             closed = {"days": ["sun"], "start": "09:00", "end": "10:00", "timezone": "UTC"}
             assert (await tenant.client.patch(path, json={"send_window": closed})).is_success

@@ -662,19 +662,27 @@ async def settle_abandoned(session: AsyncSession, ids: Iterable[uuid.UUID], now:
     deleted, its sequence or run canceled while the batch was prepared): ``skipped`` /
     ``canceled``, and without the address once the contact is gone (a record written after the
     deletion kept it). Only records still ``sending`` whose enrollment is no longer active: a
-    resend by another worker is left alone."""
+    resend by another worker is left alone.
+
+    Records another transaction has locked are skipped (``SKIP LOCKED``), so this never waits
+    and may follow the enrollment writes: the other is a stop (a cancel, a contact deletion)
+    that settles them itself once it has read them again (see
+    :func:`opensequence.enrollments.repository.settle_released`), or a worker recording them."""
     wanted = list(ids)
     if not wanted:
         return
     m, e, c = MESSAGES.c, ENROLLMENTS.c, CONTACTS.c
     contact_exists = exists().where(c.id == m.contact_id)
+    abandoned = select(m.id).where(
+        member_of(session, m.id, wanted),
+        m.status == "sending",
+        ~exists().where(e.id == m.enrollment_id, e.status == "active"),
+    )
+    if dialect_name(session) == "postgresql":
+        abandoned = abandoned.with_for_update(skip_locked=True)
     await session.execute(
         update(MESSAGES)
-        .where(
-            member_of(session, m.id, wanted),
-            m.status == "sending",
-            ~exists().where(e.id == m.enrollment_id, e.status == "active"),
-        )
+        .where(m.id.in_(abandoned))
         .values(
             status="skipped",
             reason="canceled",

@@ -639,15 +639,16 @@ class Worker:
             now,
         )
         await repo.update_messages(session, plan.message_changes, now)
-        # A send record left waiting for its retry whose enrollment a cancel or a contact
-        # deletion ended while this worker held it (they leave held records to their worker):
-        # only the batch's sends were settled later, and it stayed ``sending`` for good.
-        # Messages before enrollments, the order every writer keeps (no deadlock).
+        await repo.update_enrollments(session, enrollment_changes, worker=self.id, now=now)
+        await repo.release(session, plan.deferred, worker=self.id)
+        # A send record left waiting for its retry whose enrollment ended while this worker
+        # held it: a cancel or a contact deletion (they leave held records to their worker),
+        # or this plan itself (its sequence found canceled). Only the batch's sends were
+        # settled later, and it stayed ``sending`` for good. After the enrollment writes, which
+        # wait for a stop holding them: its end is then seen.
         sending = {p[1] for p in pending}
         waiting = [r.id for r in loaded.existing.values() if r.status == "sending"]
         await repo.settle_abandoned(session, [i for i in waiting if i not in sending], now)
-        await repo.update_enrollments(session, enrollment_changes, worker=self.id, now=now)
-        await repo.release(session, plan.deferred, worker=self.id)
         return pending
 
     async def _sends(
