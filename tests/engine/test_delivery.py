@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, insert, select, text, update
 
 from opensequence.clock import ManualClock
 from opensequence.config import Settings
+from opensequence.contacts import repository as contacts_repository
 from opensequence.contacts.repository import delete_contact
 from opensequence.db import Database
 from opensequence.deliverability.service import suppress
@@ -494,6 +495,50 @@ async def test_a_contact_deleted_while_its_skipped_step_was_decided_leaves_no_ad
     await DeletedMeanwhile(db, transport, settings, clock=clock).drain()
     [row] = await messages_of(db, enrollment_id)
     assert (row.status, row.reason, row.to_email) == ("skipped", "unsubscribed", None)
+
+
+async def test_a_record_committed_during_a_contact_deletion_loses_the_address(
+    backend: str, db: Database, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's send record committed after the deletion's first pass over the records (it
+    could not see it): the send, already checked, went out and was recorded ``sent`` with
+    the deleted contact's address (SPEC §2)."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite runs one writing transaction at a time")
+    org = await make_org(db)
+    [contact] = await make_contacts(db, org, [{"email": "secret@x.org"}])
+    sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+    [enrollment_id] = await enroll(db, org, sequence_id, [contact], now=clock.now())
+    settle = contacts_repository.settle_released
+
+    async def settle_then_a_worker_records(session: Any, theirs: Any, now: Any, **kw: Any) -> None:
+        await settle(session, theirs, now, **kw)
+        async with db.transaction() as other:
+            row_id = uuid.uuid4()
+            await other.execute(
+                insert(Message).values(
+                    id=row_id,
+                    org_id=org,
+                    enrollment_id=enrollment_id,
+                    sequence_id=sequence_id,
+                    contact_id=contact,
+                    step_index=0,
+                    from_email="sales@example.com",
+                    to_email="secret@x.org",
+                    status="sent",
+                    message_id=f"<{row_id}@example.com>",
+                    attempts=1,
+                    created_at=now,
+                    updated_at=now,
+                    sent_at=now,
+                )
+            )
+
+    monkeypatch.setattr(contacts_repository, "settle_released", settle_then_a_worker_records)
+    async with db.transaction() as session:
+        await delete_contact(session, org, contact, now=clock.now())
+    [row] = await messages_of(db, enrollment_id)
+    assert (row.status, row.to_email) == ("sent", None)
 
 
 async def end_enrollment(
