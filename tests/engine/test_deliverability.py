@@ -581,6 +581,50 @@ async def test_a_window_removed_while_a_worker_decides_a_step_lets_it_go_out(
     assert [str(m["To"]) for m in sink.sink.received] == ["a@x.org"]
 
 
+async def test_a_window_set_during_a_batch_holds_the_rest_of_it(
+    app: FastAPI,
+    db: Database,
+    smtp_settings: Settings,
+    sink: SinkServer,
+    clock: ManualClock,
+    tenant: Tenant,
+) -> None:
+    """The batch was decided before the ``PATCH`` set a window closed now; its sends went on
+    going out after it had answered (the soak: 3 s of them). The rest of the batch, checked
+    again, finds the sequence edited and is decided again."""
+    app.state.clock = clock
+    created = await tenant.client.post("/sequences", json={"name": "w", "steps": [email_step()]})
+    sequence_id = created.json()["id"]
+    people = [{"email": f"p{i}@x.org"} for i in range(4)]
+    await tenant.client.post(f"/sequences/{sequence_id}/contacts", json={"contacts": people})
+    closed = {"days": ["sun"], "start": "09:00", "end": "10:00", "timezone": "UTC"}  # a Monday
+    patched: list[httpx.Response] = []
+
+    class WindowSetMeanwhile(Worker):
+        async def _send(self, item: Any, lease: Any) -> Any:
+            outcome = await super()._send(item, lease)
+            if not patched:
+                clock.advance(seconds=1)
+                path = f"/sequences/{sequence_id}"
+                patched.append(await tenant.client.patch(path, json={"send_window": closed}))
+            return outcome
+
+    transport = transport_from_url(smtp_settings.mail_url)
+    worker = WindowSetMeanwhile(db, transport, smtp_settings, clock=clock, concurrency=1)
+    worker.recheck_seconds = 0
+    await worker.drain()
+    await transport.aclose()
+    assert patched[0].status_code == 200, patched[0].text
+    assert len(sink.sink.received) == 1
+    listing = (await tenant.client.get(f"/sequences/{sequence_id}/enrollments")).json()["items"]
+    assert sorted(e["waiting_reason"] or e["status"] for e in listing) == [
+        "completed",
+        "outside_window",
+        "outside_window",
+        "outside_window",
+    ]
+
+
 async def two_steps_a_week_apart(tenant: Tenant) -> tuple[str, list[dict[str, Any]]]:
     """A sequence whose second step waits 7 days, with one contact due for the first."""
     steps = [email_step(subject="A"), email_step(subject="B", delay=7 * 1440)]

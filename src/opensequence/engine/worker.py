@@ -755,8 +755,10 @@ class Worker:
 
     async def _recheck(self, sends: list[_Send]) -> list[_Send]:
         """Drop sends whose enrollment, sequence or contact stopped being live since the claim
-        (a cancel that committed while the batch was being prepared), and skip those whose
-        address got suppressed meanwhile (an unsubscribe takes effect at once, SPEC §6)."""
+        (a cancel that committed while the batch was being prepared), skip those whose address
+        got suppressed meanwhile (an unsubscribe takes effect at once, SPEC §6), and release
+        those whose sequence was edited since the claim: decided again from the sequence as it
+        is (a send window set meanwhile holds them), they reuse their send record."""
         if not sends:
             return sends
         # Usually everything is still live: a read, which on SQLite does not wait for the
@@ -767,14 +769,22 @@ class Worker:
         blocked = {
             item.claimed.id: reason
             for item in sends
-            if (
+            if (alive := live.get(item.claimed.id)) is not None
+            and (
                 reason := blocking_reason(
-                    live.get(item.claimed.id), transactional=item.rendered["transactional"]
+                    alive.suppression, transactional=item.rendered["transactional"]
                 )
             )
             is not None
         }
-        if len(live) == len(sends) and not blocked:
+        edited = {
+            item.claimed.id
+            for item in sends
+            if item.claimed.id not in blocked
+            and (alive := live.get(item.claimed.id)) is not None
+            and alive.sequence_version != item.sequence_version
+        }
+        if len(live) == len(sends) and not blocked and not edited:
             return sends
         async with self.db.transaction() as session:
             now = self.clock.now()
@@ -784,7 +794,13 @@ class Worker:
             state = await repo.recheck(
                 session, (s.claimed.id for s in sends if s.claimed.id not in live), worker=self.id
             )
-            keep = [i for i in sends if i.claimed.id in live and i.claimed.id not in blocked]
+            keep = [
+                i
+                for i in sends
+                if i.claimed.id in live
+                and i.claimed.id not in blocked
+                and i.claimed.id not in edited
+            ]
             messages: list[dict[str, Any]] = []
             released: list[uuid.UUID] = []
             abandoned: list[uuid.UUID] = []
@@ -792,6 +808,9 @@ class Worker:
                 suppressed = blocked.get(item.claimed.id)
                 if suppressed is not None:
                     messages.append(_message_change(item.message_row, "skipped", suppressed))
+                    continue
+                if item.claimed.id in edited:
+                    released.append(item.claimed.id)
                     continue
                 found = state.get(item.claimed.id)
                 if found is None:
