@@ -623,6 +623,14 @@ async def test_a_window_set_during_a_batch_holds_the_rest_of_it(
         "outside_window",
         "outside_window",
     ]
+    # Their records wait too, uncounted by any sender limit; the send reuses them.
+    records = await messages_for(db, sequence_id=uuid.UUID(sequence_id))
+    assert sorted((m.status, m.reason) for m in records) == [
+        ("sending", "outside_window"),
+        ("sending", "outside_window"),
+        ("sending", "outside_window"),
+        ("sent", None),
+    ]
 
 
 async def two_steps_a_week_apart(tenant: Tenant) -> tuple[str, list[dict[str, Any]]]:

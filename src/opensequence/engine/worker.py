@@ -517,6 +517,11 @@ class Worker:
             opens = _window_opens(sequence.send_window, contact.custom_data, now)
             if opens is not None:
                 plan.follow(item, _waiting(item, opens, "outside_window"))
+                if row is not None and row.status == "sending" and row.reason is None:
+                    # A record made for a send that did not go (its batch released): it waits
+                    # too, and no sender limit counts it meanwhile (see throttle._counted).
+                    change = _message_change(row.id, "sending", "outside_window")
+                    plan.message_changes.append(change)
                 return rendered
         plan.started.append((item.id, item.sequence_id, item.current_step))
         if row is None:
@@ -611,6 +616,14 @@ class Worker:
         if waits:
             enrollment_changes = enrollment_changes + [
                 _waiting(p[0], waits[p[0].id], "throttled") for p in pending if p[0].id in waits
+            ]
+            # Reused records that did not go out (a released batch) wait too, uncounted.
+            plan.message_changes = plan.message_changes + [
+                _message_change(p[1], "sending", "throttled")
+                for p in pending
+                if p[0].id in waits
+                and (reused := loaded.existing.get((p[0].id, p[0].current_step))) is not None
+                and reused.reason is None
             ]
             pending = [p for p in pending if p[0].id not in waits]
             new_rows = [r for r in new_rows if r["enrollment_id"] not in waits]
