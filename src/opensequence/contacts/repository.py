@@ -318,16 +318,21 @@ async def delete_contact(
     theirs = select(Enrollment.id).where(
         Enrollment.org_id == org_id, Enrollment.contact_id == contact_id
     )
-    await settle_released(session, theirs, now, drop_address=True)
-    # Records a worker committed since the first pass (a send being prepared) lose the address
-    # too: the first pass could not see them, and a send already handed over is then recorded
-    # ``sent`` with it. Rows a worker holds locked are skipped (it may wait for the enrollments
-    # this transaction holds); a worker that finds the contact gone drops it itself.
-    mine = select(Message.id).where(
-        Message.org_id == org_id, Message.contact_id == contact_id, Message.to_email.is_not(None)
+    await settle_released(session, theirs, now)
+    # Records a worker committed since the first pass (a send being prepared) and those just
+    # settled lose the address too: the first pass could not see them, and a send already
+    # handed over is then recorded ``sent`` with it. Rows a worker holds locked are skipped (it
+    # may wait for the enrollments this transaction holds); a worker that finds the contact
+    # gone drops it itself.
+    mine = (
+        select(Message.id)
+        .where(
+            Message.org_id == org_id,
+            Message.contact_id == contact_id,
+            Message.to_email.is_not(None),
+        )
+        .with_for_update(skip_locked=True)
     )
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        mine = mine.with_for_update(skip_locked=True)
     await session.execute(
         update(Message)
         .where(Message.id.in_(mine))

@@ -213,7 +213,7 @@ async def sequence_versions(
 def _versions_statement(dialect: str) -> Any:
     s = SEQUENCES.c
     statement = select(s.id, s.updated_at).where(member_param(dialect, s.id, "ids"))
-    return statement.with_for_update(read=True) if dialect == "postgresql" else statement
+    return statement.with_for_update(read=True)  # SQLite: nothing (one writer already)
 
 
 async def load_steps(
@@ -260,7 +260,7 @@ async def present_contacts(session: AsyncSession, ids: Iterable[uuid.UUID]) -> s
 def _present_contacts_statement(dialect: str) -> Any:
     c = CONTACTS.c
     statement = select(c.id).where(member_param(dialect, c.id, "ids"))
-    return statement.with_for_update(read=True) if dialect == "postgresql" else statement
+    return statement.with_for_update(read=True)  # SQLite: nothing (one writer already)
 
 
 # Each contact with its address's suppression in its organization, if any (suppressions are
@@ -682,13 +682,15 @@ async def settle_abandoned(session: AsyncSession, ids: Iterable[uuid.UUID], now:
         return
     m, e, c = MESSAGES.c, ENROLLMENTS.c, CONTACTS.c
     contact_exists = exists().where(c.id == m.contact_id)
-    abandoned = select(m.id).where(
-        member_of(session, m.id, wanted),
-        m.status == "sending",
-        ~exists().where(e.id == m.enrollment_id, e.status == "active"),
+    abandoned = (
+        select(m.id)
+        .where(
+            member_of(session, m.id, wanted),
+            m.status == "sending",
+            ~exists().where(e.id == m.enrollment_id, e.status == "active"),
+        )
+        .with_for_update(skip_locked=True)
     )
-    if dialect_name(session) == "postgresql":
-        abandoned = abandoned.with_for_update(skip_locked=True)
     await session.execute(
         update(MESSAGES)
         .where(m.id.in_(abandoned))

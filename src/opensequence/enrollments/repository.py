@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, and_, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opensequence.db.dialect import dialect_name
 from opensequence.models import Enrollment, Message
 
 
@@ -27,9 +26,7 @@ def unheld_send(now: datetime) -> ColumnElement[bool]:
     return and_(Message.status == "sending", ~held)
 
 
-async def settle_released(
-    session: AsyncSession, theirs: Select[Any], now: datetime, *, drop_address: bool = False
-) -> None:
+async def settle_released(session: AsyncSession, theirs: Select[Any], now: datetime) -> None:
     """The second pass of a stop (a cancel, a contact deletion) over the send records of the
     enrollments ``theirs``, once it has canceled them and before it clears their leases.
 
@@ -40,16 +37,15 @@ async def settle_released(
     no longer held. Records a worker has locked now are skipped (``SKIP LOCKED``): that worker
     settles them once it finds the enrollment ended, and waiting for them could deadlock (it
     may be waiting for the enrollments this transaction holds)."""
-    ids = select(Message.id).where(unheld_send(now), Message.enrollment_id.in_(theirs))
-    if dialect_name(session) == "postgresql":
-        ids = ids.with_for_update(skip_locked=True)
-    values: dict[str, Any] = {"status": "skipped", "reason": "canceled", "updated_at": now}
-    if drop_address:
-        values["to_email"] = None
+    ids = (
+        select(Message.id)
+        .where(unheld_send(now), Message.enrollment_id.in_(theirs))
+        .with_for_update(skip_locked=True)
+    )
     await session.execute(
         update(Message)
         .where(Message.id.in_(ids))
-        .values(**values)
+        .values(status="skipped", reason="canceled", updated_at=now)
         .execution_options(synchronize_session=False)
     )
 
