@@ -15,10 +15,19 @@ from opensequence.mail.transports import transport_from_url
 from opensequence.models import Contact, Enrollment, Organization, Run, Sequence, SequenceStep
 
 
-def make_worker(db: Database, settings: Settings, clock: ManualClock, **kw: Any) -> Worker:
-    """A worker on the settings' transport, four sends at a time, moved by ``clock``."""
-    transport = transport_from_url(settings.mail_url, pool_size=4)
-    return Worker(db, transport, settings, clock=clock, concurrency=4, **kw)
+def make_worker(
+    db: Database,
+    settings: Settings,
+    clock: ManualClock,
+    *,
+    kind: type[Worker] = Worker,
+    concurrency: int = 4,
+    **kw: Any,
+) -> Worker:
+    """A worker (of ``kind``, a test's subclass) on the settings' transport, ``concurrency``
+    sends at a time, moved by ``clock``."""
+    transport = transport_from_url(settings.mail_url, pool_size=concurrency)
+    return kind(db, transport, settings, clock=clock, concurrency=concurrency, **kw)
 
 
 def email_step(

@@ -29,7 +29,6 @@ from opensequence.deliverability.repository import lock_senders
 from opensequence.engine import repository as engine_repo
 from opensequence.engine import throttle
 from opensequence.engine.worker import Worker
-from opensequence.mail.transports import transport_from_url
 from opensequence.models import Message, SenderLimit, Sequence, SequenceStep
 from tests.engine.factories import email_step, enroll, make_contacts, make_sequence, make_worker
 from tests.engine.sink import Sink, SinkServer
@@ -340,14 +339,13 @@ async def test_a_limited_send_not_handed_over_in_time_is_reserved_again(
                 await other.drain()
             return kept
 
-    transport = transport_from_url(smtp_settings.mail_url, pool_size=4)
-    worker = Late(db, transport, smtp_settings, clock=clock, concurrency=4, worker_id="A")
+    worker = make_worker(db, smtp_settings, clock, kind=Late, worker_id="A")
     await worker.drain()
     assert len(sink.sink.received) == 2
     for _ in range(5):
         clock.advance(seconds=1)
         await worker.drain()
-    await transport.aclose()
+    await worker.transport.aclose()
     await other.transport.aclose()
     sent = await messages_for(db, sequence_id=sequence_id)
     assert [m.status for m in sent] == ["sent"] * 4
@@ -609,11 +607,10 @@ async def test_a_window_set_during_a_batch_holds_the_rest_of_it(
                 patched.append(await tenant.client.patch(path, json={"send_window": closed}))
             return outcome
 
-    transport = transport_from_url(smtp_settings.mail_url)
-    worker = WindowSetMeanwhile(db, transport, smtp_settings, clock=clock, concurrency=1)
+    worker = make_worker(db, smtp_settings, clock, kind=WindowSetMeanwhile, concurrency=1)
     worker.recheck_seconds = 0
     await worker.drain()
-    await transport.aclose()
+    await worker.transport.aclose()
     assert patched[0].status_code == 200, patched[0].text
     assert len(sink.sink.received) == 1
     listing = (await tenant.client.get(f"/sequences/{sequence_id}/enrollments")).json()["items"]

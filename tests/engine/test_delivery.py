@@ -378,11 +378,10 @@ async def test_a_stop_during_a_batch_stops_the_rest_of_it(
                 await end_enrollment(db, ended_by, org, sequence_id, contacts[-1], clock.now())
             return outcome
 
-    transport = transport_from_url(smtp_settings.mail_url)
-    worker = StoppedAfterTheFirst(db, transport, smtp_settings, clock=clock, concurrency=1)
+    worker = make_worker(db, smtp_settings, clock, kind=StoppedAfterTheFirst, concurrency=1)
     worker.recheck_seconds = 0
     await worker.drain()
-    await transport.aclose()
+    await worker.transport.aclose()
     expected = ["p0@x.org"] if ended_by == "cancel" else ["p0@x.org", "p1@x.org", "p2@x.org"]
     assert [str(m["To"]) for m in sink.sink.received] == expected
     [stopped] = await messages_of(db, enrollments[-1])
@@ -491,8 +490,7 @@ async def test_a_contact_deleted_while_its_skipped_step_was_decided_leaves_no_ad
                 await delete_contact(session, org, contact, now=clock.now())
             return planned
 
-    transport = transport_from_url(settings.mail_url)
-    await DeletedMeanwhile(db, transport, settings, clock=clock).drain()
+    await make_worker(db, settings, clock, kind=DeletedMeanwhile).drain()
     [row] = await messages_of(db, enrollment_id)
     assert (row.status, row.reason, row.to_email) == ("skipped", "unsubscribed", None)
 
