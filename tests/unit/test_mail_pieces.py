@@ -17,6 +17,7 @@ from html.parser import HTMLParser
 
 import aiosmtplib
 import pytest
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +35,7 @@ from opensequence.mail.message import (
 from opensequence.mail.render import TemplateError, render
 from opensequence.mail.transports import transport_from_url
 from opensequence.mail.transports.maildir import MaildirTransport
-from opensequence.mail.transports.smtp import SmtpTransport, classify
+from opensequence.mail.transports.smtp import SmtpTransport, classify, data_lines
 from opensequence.unsubscribe import make_token, read_token, unsubscribe_url
 from opensequence.validation import MAX_NAME
 
@@ -481,3 +482,20 @@ def test_smtp_errors_map_to_the_retry_policy() -> None:
     assert isinstance(classify(ConnectionResetError()), TransientSendError)
     assert isinstance(classify(aiosmtplib.SMTPReadTimeoutError("slow")), TransientSendError)
     assert isinstance(classify(aiosmtplib.SMTPServerDisconnected("bye")), TransientSendError)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    message=st.lists(
+        st.one_of(
+            st.sampled_from([b"\r\n", b"\n", b"\r", b".", b"..", b"\r\n.", b"\n.", b"\r."]),
+            st.binary(max_size=12),
+        ),
+        max_size=20,
+    ).map(b"".join)
+)
+def test_data_lines_are_what_aiosmtplib_writes_after_data(message: bytes) -> None:
+    """Line ends made CRLF, a line starting with "." doubled, a CRLF at the end and the "."
+    line: as aiosmtplib's ``execute_data_command`` prepares a message."""
+    expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+    assert data_lines(message) == expected

@@ -1,0 +1,367 @@
+"""The SMTP transport's sessions once aiosmtplib has opened them (``smtp._Session``): replies
+however the server writes them, servers that get out of step, TLS, dot-stuffing, and the
+addresses that still go through aiosmtplib's ``sendmail``. Against real servers on loopback:
+aiosmtpd, and for replies aiosmtpd cannot be made to write, a scripted one."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from opensequence.cli.common import event_loop_factory
+from opensequence.mail.errors import PermanentSendError, TransientSendError
+from opensequence.mail.message import Outgoing
+from opensequence.mail.transports.smtp import SmtpTransport
+from tests.engine.sink import Sink, SinkServer, free_port
+
+
+def outgoing(n: int, body: str | None = None, recipient: str | None = None) -> Outgoing:
+    to = recipient or f"p{n}@example.org"
+    text = body if body is not None else f"body {n}\r\n"
+    data = f"From: a@example.com\r\nTo: p{n}@example.org\r\nSubject: {n}\r\n\r\n{text}".encode()
+    return Outgoing("a@example.com", to, data)
+
+
+def plain(port: int, timeout: float = 5.0) -> SmtpTransport:
+    return SmtpTransport(
+        host="127.0.0.1",
+        port=port,
+        username=None,
+        password=None,
+        tls="none",
+        pool_size=1,
+        timeout=timeout,
+    )
+
+
+# A scripted server: each command line (and each message, after DATA) gets the reply the test's
+# ``answer`` returns, written in the pieces it lists, a few ms apart.
+
+
+Answer = Callable[[bytes], list[bytes]]
+
+
+class Scripted:
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.ended = 0  # connections whose client hung up or that the script ended
+        self.messages: list[bytes] = []
+        self.commands: list[bytes] = []
+        self.arrived = asyncio.Event()  # set at each command
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        writer.write(b"220 scripted ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                command = line.rstrip(b"\r\n").upper()
+                self.commands.append(command)
+                self.arrived.set()
+                if command.startswith(b"EHLO"):
+                    pieces = [b"250-scripted\r\n250 8BITMIME\r\n"]
+                elif command == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    message = await reader.readuntil(b"\r\n.\r\n")
+                    self.messages.append(message)
+                    pieces = self.answer(b"<message>")
+                elif command == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                else:
+                    pieces = self.answer(command)
+                for piece in pieces:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.005)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.ended += 1
+            writer.close()
+
+
+@asynccontextmanager
+async def scripted(answer: Answer) -> AsyncIterator[tuple[Scripted, int]]:
+    server = Scripted(answer)
+    listening = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    try:
+        yield server, port
+    finally:
+        listening.close()
+        for writer in server.writers:
+            writer.close()
+        await listening.wait_closed()
+
+
+def ok(command: bytes) -> list[bytes]:
+    return [b"250 OK\r\n"]
+
+
+async def test_replies_in_pieces_and_on_several_lines_are_read_whole() -> None:
+    """A reply may arrive a few bytes at a time, and a line may continue (``250-``)."""
+
+    def answer(command: bytes) -> list[bytes]:
+        if command.startswith(b"MAIL"):
+            return [b"25", b"0 sender ", b"OK\r", b"\n"]
+        if command.startswith(b"RCPT"):
+            return [b"250-first\r\n", b"250-sec", b"ond\r\n250 third\r\n"]
+        return [b"250 queued\r\n"]
+
+    async with scripted(answer) as (server, port):
+        smtp = plain(port)
+        await smtp.send(outgoing(1))
+        await smtp.send(outgoing(2))
+        await smtp.aclose()
+    assert server.connections == 1
+    assert len(server.messages) == 2
+
+
+async def test_a_refusal_on_several_lines_bounces_with_all_of_them_and_keeps_the_session() -> None:
+    def answer(command: bytes) -> list[bytes]:
+        if command == b"RCPT TO:<P1@EXAMPLE.ORG>":
+            return [b"550-5.1.1 no such mailbox\r\n550 5.1.1 see the postmaster\r\n"]
+        return [b"250 OK\r\n"]
+
+    async with scripted(answer) as (server, port):
+        smtp = plain(port)
+        with pytest.raises(PermanentSendError, match=r"^bounced: 550 5\.1\.1 no such mailbox "):
+            await smtp.send(outgoing(1))
+        await smtp.send(outgoing(2))
+        await smtp.aclose()
+    assert b"RSET" in server.commands
+    assert server.connections == 1 and len(server.messages) == 1
+
+
+async def test_two_replies_to_one_command_answer_it_and_end_the_session() -> None:
+    """The second reply would be taken for the next command's: the first answers this one
+    (the message was accepted), and the next message goes over a new session."""
+    answers = iter([[b"250 queued\r\n250 and again\r\n"]])
+
+    def answer(command: bytes) -> list[bytes]:
+        if command == b"<message>":
+            return next(answers, [b"250 queued\r\n"])
+        return [b"250 OK\r\n"]
+
+    async with scripted(answer) as (server, port):
+        smtp = plain(port)
+        await smtp.send(outgoing(1))
+        await smtp.send(outgoing(2))
+        await smtp.aclose()
+    assert server.connections == 2 and len(server.messages) == 2
+
+
+async def test_a_421_to_an_idle_session_makes_the_next_message_open_a_new_one() -> None:
+    async with scripted(ok) as (server, port):
+        smtp = plain(port)
+        await smtp.send(outgoing(1))
+        server.writers[0].write(b"421 shutting down\r\n")  # and the server keeps it open
+        await asyncio.sleep(0.1)
+        await smtp.send(outgoing(2))
+        await smtp.aclose()
+    assert server.connections == 2 and len(server.messages) == 2
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"OK then\r\n", b"250" + b"x" * 9000 + b"\r\n"],
+    ids=["malformed", "too long"],
+)
+async def test_a_reply_that_is_not_smtp_fails_the_send_as_transient_and_drops_the_session(
+    reply: bytes,
+) -> None:
+    answers = iter([[reply]])
+
+    def answer(command: bytes) -> list[bytes]:
+        return next(answers, [b"250 OK\r\n"]) if command.startswith(b"MAIL") else ok(command)
+
+    async with scripted(answer) as (server, port):
+        smtp = plain(port)
+        with pytest.raises(TransientSendError):
+            await smtp.send(outgoing(1))
+        await smtp.send(outgoing(2))
+        await smtp.aclose()
+    assert server.connections == 2 and len(server.messages) == 1
+
+
+async def test_a_server_that_hangs_up_mid_message_fails_the_send_as_transient() -> None:
+    hang_up = iter([True])
+
+    def answer(command: bytes) -> list[bytes]:
+        if command.startswith(b"RCPT") and next(hang_up, False):
+            raise ConnectionResetError  # ends the scripted connection
+        return ok(command)
+
+    async with scripted(answer) as (server, port):
+        smtp = plain(port)
+        with pytest.raises(TransientSendError, match="SMTPServerDisconnected"):
+            await smtp.send(outgoing(1))
+        await smtp.send(outgoing(2))
+        await smtp.aclose()
+    assert server.connections == 2 and len(server.messages) == 1
+
+
+async def test_a_send_cancelled_mid_message_closes_its_session() -> None:
+    """A cancelled send leaves its session somewhere in a transaction: it is closed, neither
+    pooled nor left open."""
+
+    def answer(command: bytes) -> list[bytes]:
+        return [] if command.startswith(b"RCPT") else ok(command)  # no reply to RCPT
+
+    async with scripted(answer) as (server, port):
+        smtp = plain(port)
+        task = asyncio.create_task(smtp.send(outgoing(1)))
+        while b"RCPT TO:<P1@EXAMPLE.ORG>" not in server.commands:
+            server.arrived.clear()
+            await asyncio.wait_for(server.arrived.wait(), 5.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if server.ended:
+                break
+            await asyncio.sleep(0.01)
+        assert server.ended == 1
+        server.answer = ok
+        await smtp.send(outgoing(2))
+        await smtp.aclose()
+    assert server.connections == 2 and len(server.messages) == 1
+
+
+async def test_lines_that_start_with_a_dot_arrive_as_written() -> None:
+    """DATA ends at a line holding only ".", so a line starting with "." goes out doubled and
+    the server takes one away."""
+    body = ".\r\n..two\r\n.three\r\nlast line without its end"
+    with SinkServer(Sink()) as server:
+        smtp = plain(server.port)
+        await smtp.send(outgoing(1, body=body))
+        await smtp.aclose()
+    (raw,) = server.sink.raw
+    assert raw.split(b"\r\n\r\n", 1)[1] == body.encode() + b"\r\n"
+
+
+async def test_an_address_the_intake_pattern_does_not_admit_goes_through_sendmail() -> None:
+    """Such an address (here a domain without a dot) is left to aiosmtplib's ``sendmail``;
+    the session carries on after it with the messages it sends itself, on one connection."""
+    sink = PeerSink()
+    with SinkServer(sink) as server:
+        smtp = plain(server.port)
+        await smtp.send(outgoing(1))
+        await smtp.send(outgoing(2, recipient="p2@localhost"))
+        await smtp.send(outgoing(3))
+        await smtp.aclose()
+    assert [to for _, to in sink.envelopes] == [
+        ["p1@example.org"],
+        ["p2@localhost"],
+        ["p3@example.org"],
+    ]
+    assert len(sink.peers) == 3 and len(set(sink.peers)) == 1
+
+
+class PeerSink(Sink):
+    """Records which client connection (its address) carried each recipient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peers: list[Any] = []
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        self.peers.append(session.peer)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+def _certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def _send_over_tls(tls: str, directory: Path) -> list[str]:
+    cert, key = _certificate(directory)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(cert))
+    sink = PeerSink()
+    port = free_port()
+    options: dict[str, Any] = (
+        {"tls_context": server_context, "require_starttls": True}
+        if tls == "starttls"
+        else {"ssl_context": server_context}
+    )
+    controller = Controller(sink, hostname="127.0.0.1", port=port, **options)
+    controller.start()
+    try:
+        smtp = SmtpTransport(
+            host="127.0.0.1",
+            port=port,
+            username=None,
+            password=None,
+            tls=tls,
+            pool_size=1,
+            tls_context=client_context,
+        )
+        for n in range(3):
+            await smtp.send(outgoing(n))
+        await smtp.aclose()
+    finally:
+        controller.stop()
+    assert len(sink.peers) == 3 and len(set(sink.peers)) == 1  # one session
+    return [m["Subject"] for m in sink.received]
+
+
+@pytest.mark.parametrize("tls", ["starttls", "tls"])
+async def test_sessions_over_tls_carry_several_messages(tls: str, tmp_path: Path) -> None:
+    assert await _send_over_tls(tls, tmp_path) == ["0", "1", "2"]
+
+
+@pytest.mark.skipif(event_loop_factory() is None, reason="uvloop is not installed")
+@pytest.mark.parametrize("tls", ["starttls", "tls"])
+def test_sessions_over_tls_on_the_workers_event_loop(tls: str, tmp_path: Path) -> None:
+    """The session takes over the connection's transport; uvloop's TLS transport is its own
+    implementation, and the worker runs on it."""
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        assert runner.run(_send_over_tls(tls, tmp_path)) == ["0", "1", "2"]
