@@ -18,7 +18,8 @@ transport is handed to (asyncio's ``set_protocol``): MAIL, RCPT, DATA and the me
 command outstanding at a time, as aiosmtplib sends them. aiosmtplib's path per command (a lock,
 a timeout wrapper, a new future and a reply object per reply, a control-character scan of the
 arguments, two regular-expression passes over the message for line ends and dot-stuffing) cost
-~100 us of the event loop per message, a quarter of a worker's CPU per send on loopback.
+the event loop ~35 us more per message: 3,000 messages over 20 connections to a loopback sink
+took 182-218 us of CPU each through it, 146-177 us through the session.
 """
 
 from __future__ import annotations
