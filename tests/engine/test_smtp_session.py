@@ -114,6 +114,25 @@ def ok(command: bytes) -> list[bytes]:
     return [b"250 OK\r\n"]
 
 
+async def send_two(
+    answer: Answer, first_fails: tuple[type[Exception], str] | None = None
+) -> Scripted:
+    """Messages 1 and 2 through a transport of one connection slot, the first failing as
+    ``first_fails`` (the error's type and a pattern of its text) says, if given. Returns the
+    server, to count its connections and the messages it took."""
+    async with scripted(answer) as (server, port):
+        smtp = plain(port)
+        if first_fails is None:
+            await smtp.send(outgoing(1))
+        else:
+            kind, pattern = first_fails
+            with pytest.raises(kind, match=pattern):
+                await smtp.send(outgoing(1))
+        await smtp.send(outgoing(2))
+        await smtp.aclose()
+    return server
+
+
 async def test_replies_in_pieces_and_on_several_lines_are_read_whole() -> None:
     """A reply may arrive a few bytes at a time, and a line may continue (``250-``)."""
 
@@ -124,13 +143,8 @@ async def test_replies_in_pieces_and_on_several_lines_are_read_whole() -> None:
             return [b"250-first\r\n", b"250-sec", b"ond\r\n250 third\r\n"]
         return [b"250 queued\r\n"]
 
-    async with scripted(answer) as (server, port):
-        smtp = plain(port)
-        await smtp.send(outgoing(1))
-        await smtp.send(outgoing(2))
-        await smtp.aclose()
-    assert server.connections == 1
-    assert len(server.messages) == 2
+    server = await send_two(answer)
+    assert server.connections == 1 and len(server.messages) == 2
 
 
 async def test_a_refusal_on_several_lines_bounces_with_all_of_them_and_keeps_the_session() -> None:
@@ -139,12 +153,9 @@ async def test_a_refusal_on_several_lines_bounces_with_all_of_them_and_keeps_the
             return [b"550-5.1.1 no such mailbox\r\n550 5.1.1 see the postmaster\r\n"]
         return [b"250 OK\r\n"]
 
-    async with scripted(answer) as (server, port):
-        smtp = plain(port)
-        with pytest.raises(PermanentSendError, match=r"^bounced: 550 5\.1\.1 no such mailbox "):
-            await smtp.send(outgoing(1))
-        await smtp.send(outgoing(2))
-        await smtp.aclose()
+    server = await send_two(
+        answer, first_fails=(PermanentSendError, r"^bounced: 550 5\.1\.1 no such mailbox ")
+    )
     assert b"RSET" in server.commands
     assert server.connections == 1 and len(server.messages) == 1
 
@@ -159,11 +170,7 @@ async def test_two_replies_to_one_command_answer_it_and_end_the_session() -> Non
             return next(answers, [b"250 queued\r\n"])
         return [b"250 OK\r\n"]
 
-    async with scripted(answer) as (server, port):
-        smtp = plain(port)
-        await smtp.send(outgoing(1))
-        await smtp.send(outgoing(2))
-        await smtp.aclose()
+    server = await send_two(answer)
     assert server.connections == 2 and len(server.messages) == 2
 
 
@@ -191,12 +198,7 @@ async def test_a_reply_that_is_not_smtp_fails_the_send_as_transient_and_drops_th
     def answer(command: bytes) -> list[bytes]:
         return next(answers, [b"250 OK\r\n"]) if command.startswith(b"MAIL") else ok(command)
 
-    async with scripted(answer) as (server, port):
-        smtp = plain(port)
-        with pytest.raises(TransientSendError):
-            await smtp.send(outgoing(1))
-        await smtp.send(outgoing(2))
-        await smtp.aclose()
+    server = await send_two(answer, first_fails=(TransientSendError, r"^SMTPResponseException: "))
     assert server.connections == 2 and len(server.messages) == 1
 
 
@@ -208,12 +210,7 @@ async def test_a_server_that_hangs_up_mid_message_fails_the_send_as_transient() 
             raise ConnectionResetError  # ends the scripted connection
         return ok(command)
 
-    async with scripted(answer) as (server, port):
-        smtp = plain(port)
-        with pytest.raises(TransientSendError, match="SMTPServerDisconnected"):
-            await smtp.send(outgoing(1))
-        await smtp.send(outgoing(2))
-        await smtp.aclose()
+    server = await send_two(answer, first_fails=(TransientSendError, r"^SMTPServerDisconnected: "))
     assert server.connections == 2 and len(server.messages) == 1
 
 
