@@ -320,6 +320,42 @@ async def test_permanent_failure_records_the_bounce_and_never_retries(
     assert (state.status, state.next_step_at, state.current_step) == ("failed", None, 0)
 
 
+class RefusingOneInLatin1(Sink):
+    """Refuses gone@example.org at RCPT with a reply that is not UTF-8 (Latin-1 text)."""
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> bytes | str:
+        if address == "gone@example.org":
+            return b"550 5.1.1 caf\xe9 unknown\x00"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+async def test_a_refusal_in_bytes_that_are_not_utf8_is_recorded_and_the_batch_goes_once(
+    db: Database, settings: Settings, clock: ManualClock
+) -> None:
+    """The reply's text is kept in the send record. Read with its invalid bytes as lone
+    surrogates (and a NUL), neither database could store it: the batch was never recorded, its
+    claims ran out, and its accepted message went out again at every claim."""
+    with SinkServer(RefusingOneInLatin1()) as server:
+        worker = make_worker(db, settings.model_copy(update={"mail_url": server.url}), clock)
+        org = await make_org(db)
+        emails = [{"email": "gone@example.org"}, {"email": "ok@example.org"}]
+        contacts = await make_contacts(db, org, emails)
+        sequence_id = await make_sequence(db, org, [email_step()], started_at=clock.now())
+        gone, kept = await enroll(db, org, sequence_id, contacts, now=clock.now())
+        await worker.drain()
+        clock.advance(hours=2)  # past any lease
+        assert await worker.drain() == 0
+        await worker.transport.aclose()
+    assert [to for _, to in server.sink.envelopes] == [["ok@example.org"]]
+    [bounced] = await messages_of(db, gone)
+    assert (bounced.status, bounced.reason) == ("failed", "bounced: 550 5.1.1 caf\ufffd unknown")
+    [sent] = await messages_of(db, kept)
+    assert sent.status == "sent"
+
+
 async def cancel_and_delete(
     db: Database, sequence_id: uuid.UUID, contact_id: uuid.UUID, clock: ManualClock
 ) -> None:

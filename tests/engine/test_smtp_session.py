@@ -6,6 +6,7 @@ aiosmtpd, and for replies aiosmtpd cannot be made to write, a scripted one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import ssl
@@ -107,6 +108,9 @@ async def scripted(answer: Answer) -> AsyncIterator[tuple[Scripted, int]]:
         listening.close()
         for writer in server.writers:
             writer.close()
+            # Until its socket is closed: the test's loop ends right after this.
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
         await listening.wait_closed()
 
 
@@ -212,6 +216,98 @@ async def test_a_server_that_hangs_up_mid_message_fails_the_send_as_transient() 
 
     server = await send_two(answer, first_fails=(TransientSendError, r"^SMTPServerDisconnected: "))
     assert server.connections == 2 and len(server.messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("refusal", "rset", "outcome", "reason"),
+    [
+        (b"450 4.2.1 mailbox busy", b"502 5.5.1 no RSET here", TransientSendError, r"^450 4\.2\.1"),
+        (
+            b"550 5.1.1 no such mailbox",
+            b"502 5.5.1 no RSET here",
+            PermanentSendError,
+            r"^bounced: 550",
+        ),
+        (b"450 4.2.1 mailbox busy", None, TransientSendError, r"^450 4\.2\.1"),
+        (b"550 5.1.1 no such mailbox", None, PermanentSendError, r"^bounced: 550"),
+    ],
+    ids=["4xx, RSET refused", "5xx, RSET refused", "4xx, then hang-up", "5xx, then hang-up"],
+)
+async def test_a_refusal_is_the_outcome_whatever_becomes_of_the_rset_after_it(
+    refusal: bytes, rset: bytes | None, outcome: type[Exception], reason: str
+) -> None:
+    """A 4xx stays a retry and a 5xx a bounce when the server refuses the RSET that follows or
+    hangs up: that says what becomes of the connection, not of the message. Classified by the
+    RSET's reply, a busy mailbox failed for good; by the hang-up, a bounce was retried and the
+    address never suppressed."""
+    first = iter([True])
+
+    def answer(command: bytes) -> list[bytes]:
+        if command.startswith(b"RCPT") and next(first, False):
+            return [refusal + b"\r\n"]
+        if command == b"RSET":
+            if rset is None:
+                raise ConnectionResetError  # ends the scripted connection
+            return [rset + b"\r\n"]
+        return ok(command)
+
+    server = await send_two(answer, first_fails=(outcome, reason))
+    assert server.connections == 2 and len(server.messages) == 1  # the connection was dropped
+
+
+async def _stops_reading(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, eof: bool, until: asyncio.Event
+) -> None:
+    """An SMTP server that takes the envelope, answers DATA, reads the first 100 kB of the
+    message and then reads nothing more until ``until`` is set, having first ended its side
+    (``eof``) or not."""
+    writer.write(b"220 stuck ESMTP\r\n")
+    await reader.readline()  # EHLO
+    writer.write(b"250 stuck\r\n")
+    for _ in range(2):  # MAIL, RCPT
+        await reader.readline()
+        writer.write(b"250 OK\r\n")
+    await reader.readline()  # DATA
+    writer.write(b"354 go ahead\r\n")
+    await reader.readexactly(100_000)
+    if eof:
+        writer.write_eof()
+    await until.wait()
+
+
+@pytest.mark.parametrize("eof", [True, False], ids=["hung up", "silent"])
+async def test_a_server_that_stops_reading_mid_message_fails_the_send_within_its_deadline(
+    eof: bool,
+) -> None:
+    """Closing a connection waits for what is still unwritten, forever when the server stopped
+    reading: the send stayed pending past its deadline, holding its slot, whether the server
+    had hung up (its reply failed only once the connection closed) or just went silent (the
+    deadline's close waited too). The connection is dropped at once instead."""
+
+    until, ended = asyncio.Event(), asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await _stops_reading(reader, writer, eof, until)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client dropped the connection: what this test wants
+        finally:
+            writer.transport.abort()
+            ended.set()
+
+    listening = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    big = outgoing(1, body=("z" * 1022 + "\r\n") * 32 * 1024)  # 32 MB
+    smtp = plain(port, timeout=1.0)
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(TransientSendError):
+                await smtp.send(big)
+        await smtp.aclose()
+    finally:
+        until.set()
+        await ended.wait()
+        listening.close()
 
 
 async def test_a_send_cancelled_mid_message_closes_its_session() -> None:

@@ -499,3 +499,19 @@ def test_data_lines_are_what_aiosmtplib_writes_after_data(message: bytes) -> Non
     line: as aiosmtplib's ``execute_data_command`` prepares a message."""
     expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
     assert data_lines(message) == expected
+
+
+@pytest.mark.parametrize(
+    ("reason", "stored"),
+    [
+        ("550 5.1.1 unknown", "550 5.1.1 unknown"),
+        ("550 café", "550 café"),
+        ("550 caf\udce9", "550 caf\ufffd"),  # a byte that is not UTF-8, as read
+        ("550 a\x00b", "550 ab"),
+        ("550 \ud800", "550 \ufffd\ufffd\ufffd"),  # a lone surrogate that stands for no byte
+    ],
+)
+def test_a_send_error_keeps_a_reason_both_databases_store(reason: str, stored: str) -> None:
+    error = PermanentSendError(reason)
+    assert error.reason == stored == str(error)
+    stored.encode("utf-8")  # no lone surrogate left

@@ -8,11 +8,28 @@ from __future__ import annotations
 
 
 class SendError(Exception):
-    """A send that did not happen. ``reason`` is what the send record keeps."""
+    """A send that did not happen. ``reason`` is what the send record keeps, made storable
+    (:func:`storable`)."""
 
     def __init__(self, reason: str) -> None:
+        reason = storable(reason)
         super().__init__(reason)
         self.reason = reason
+
+
+def storable(text: str) -> str:
+    """``text`` as both databases store it: valid UTF-8 without NUL. A server's reply is bytes,
+    read as UTF-8 with the invalid ones kept as lone surrogates (aiosmtplib's
+    ``surrogateescape``), and neither SQLite nor PostgreSQL takes those, nor PostgreSQL a NUL:
+    the worker could not record the batch, whose sends then went out again at every claim.
+    Invalid bytes become U+FFFD and NUL is dropped."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace").replace("\x00", "")
 
 
 class TransientSendError(SendError):

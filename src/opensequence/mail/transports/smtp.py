@@ -120,6 +120,8 @@ class SmtpTransport:
             raise
         # From here on the send's deadline (see _watch) bounds the commands.
         client.timeout = None
+        if client.transport is None:  # closed by the server right after the handshake
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         return _Session(client)
 
     async def send(self, outgoing: Outgoing) -> None:
@@ -206,9 +208,12 @@ class SmtpTransport:
             self._watchdog = None
         idle, self._idle = self._idle, []
         for session in idle:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                await asyncio.wait_for(session.command(b"QUIT\r\n"), self.timeout)
-            session.close()
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await session.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                session.close()
+            await session.wait_closed()
 
 
 async def _transaction(session: _Session, outgoing: Outgoing) -> None:
@@ -238,9 +243,14 @@ async def _transaction(session: _Session, outgoing: Outgoing) -> None:
     except aiosmtplib.SMTPResponseException as refused:
         if refused.code == aiosmtplib.SMTPStatus.domain_unavailable or not session.connected:
             raise  # a 421 closes the connection; a reply out of step closed it
-        code, text = await session.command(b"RSET\r\n")
+        # The refusal is the message's outcome whatever RSET gets: a 4xx must stay a retry
+        # and a 5xx a bounce. Only the connection's fate depends on it (the caller drops it).
+        try:
+            code, _ = await session.command(b"RSET\r\n")
+        except (aiosmtplib.SMTPException, OSError) as failed:
+            raise refused from failed
         if code != aiosmtplib.SMTPStatus.completed:
-            raise aiosmtplib.SMTPResponseException(code, text) from refused
+            raise
         raise _Refused(refused) from refused
 
 
@@ -278,11 +288,13 @@ class _Session(asyncio.Protocol):
     def __init__(self, client: aiosmtplib.SMTP) -> None:
         self._client = client
         transport = client.transport
-        assert transport is not None  # a session that opened has one
+        assert transport is not None  # checked by SmtpTransport._connect
         self._transport: Any = transport
         self._buffer = bytearray()
         self._waiter: asyncio.Future[tuple[int, str]] | None = None
         self._lost = False
+        # Done once the connection is closed (connection_lost), see wait_closed.
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         transport.set_protocol(self)
 
     @property
@@ -290,7 +302,20 @@ class _Session(asyncio.Protocol):
         return not self._lost and not self._transport.is_closing()
 
     def close(self) -> None:
+        """Drop the connection now, whatever is still unwritten: a server that stopped
+        reading would otherwise hold a ``close()`` (and the send waiting on it) for good."""
+        self._lost = True
+        self._transport.abort()
+
+    async def quit(self) -> None:
+        """QUIT, then close once it is answered (see :meth:`close` for when it is not)."""
+        await self.command(b"QUIT\r\n")
         self._transport.close()
+
+    async def wait_closed(self) -> None:
+        """Until the connection is closed: its socket is closed by a callback of the event
+        loop, which a loop ending right after ``aclose`` would never run."""
+        await self._closed
 
     async def command(self, line: bytes) -> tuple[int, str]:
         """Write ``line`` (a command, or the message after DATA) and return the reply's code
@@ -311,6 +336,11 @@ class _Session(asyncio.Protocol):
         try:
             await client.sendmail(sender, [recipient], data)
         finally:
+            if self._transport.is_closing():
+                # Lost while aiosmtplib's protocol had it, which may have been told instead.
+                self._lost = True
+                if not self._closed.done():
+                    self._closed.set_result(None)
             self._transport.set_protocol(self)
 
     # asyncio.Protocol
@@ -337,22 +367,26 @@ class _Session(asyncio.Protocol):
             lines.append(line)
             if line[3:4] != b"-":
                 text = "\n".join(
-                    each[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape") for each in lines
+                    each[4:].strip(b" \t\r\n").decode("utf-8", "replace") for each in lines
                 )
                 waiter.set_result((int(line[:3]), text))
                 if start != len(buffer):
                     # More than the reply: this one answers the command, but what follows
                     # would be taken for the next command's.
-                    self._lost = True
-                    self._transport.close()
+                    self.close()
                 buffer.clear()
                 return
 
     def eof_received(self) -> bool:
-        return False  # the transport closes, then connection_lost
+        # Fails the reply now: connection_lost comes only once what is being written has
+        # drained, never if the server stopped reading as it hung up.
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if not self._closed.done():
+            self._closed.set_result(None)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
@@ -360,8 +394,7 @@ class _Session(asyncio.Protocol):
             waiter.set_exception(lost)
 
     def _fail(self, exc: Exception) -> None:
-        self._lost = True
-        self._transport.close()
+        self.close()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
