@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -190,11 +190,12 @@ def _sequences_statement(dialect: str) -> Any:
     ).where(member_param(dialect, s.id, "ids"))
 
 
-async def sequence_versions(
-    session: AsyncSession, ids: Iterable[uuid.UUID]
-) -> dict[uuid.UUID, datetime]:
-    """The sequences' ``updated_at`` (every edit moves it), to tell whether one changed since
-    a batch read it; PostgreSQL holds them ``FOR SHARE`` until the transaction ends.
+async def edited_sequences(
+    session: AsyncSession, read: Mapping[uuid.UUID, datetime]
+) -> set[uuid.UUID]:
+    """Those of the sequences ``read`` (id → the ``updated_at`` a batch read; every edit moves
+    it) that were edited or deleted since; PostgreSQL holds them ``FOR SHARE`` until the
+    transaction ends.
 
     An edit locks its sequence ``FOR UPDATE`` before it changes anything, then wakes or moves
     the enrollments that the change concerns. A worker's transaction that writes what follows
@@ -203,11 +204,12 @@ async def sequence_versions(
     for the edit and finds the sequence changed. Without it, an edit committing while a batch
     was decided or sent missed that batch's enrollments: they kept the old window's opening
     (days) or the old delay."""
-    members = _members(session, SEQUENCES, set(ids))
+    members = _members(session, SEQUENCES, read)
     rows = await execute_prebuilt(
         session, "sequence_versions", _versions_statement, {"ids": members}
     )
-    return {row.id: row.updated_at for row in rows}
+    now = {row.id: row.updated_at for row in rows}
+    return {sequence_id for sequence_id, version in read.items() if now.get(sequence_id) != version}
 
 
 def _versions_statement(dialect: str) -> Any:

@@ -578,14 +578,11 @@ class Worker:
         First, the changes that follow from a sequence's steps or send window (a wait for the
         window, the next step's delay) are dropped if the sequence was edited since the batch
         read it: those enrollments are released, still due, and the next claim decides them
-        again from the sequence as it is (:func:`repository.sequence_versions`)."""
+        again from the sequence as it is (:func:`repository.edited_sequences`)."""
         if plan.follows:
-            versions = await repo.sequence_versions(session, {seq for _, seq in plan.follows})
-            again = {
-                enrollment
-                for enrollment, seq in plan.follows
-                if versions.get(seq) != loaded.sequences[seq].updated_at
-            }
+            read = {seq: loaded.sequences[seq].updated_at for _, seq in plan.follows}
+            edited = await repo.edited_sequences(session, read)
+            again = {enrollment for enrollment, seq in plan.follows if seq in edited}
             if again:
                 log.info("%d steps are decided again: their sequence was edited", len(again))
                 plan.enrollment_changes = [
@@ -1098,18 +1095,12 @@ class Worker:
         A steps edit moves the enrollments it sees waiting for a step; it cannot see one whose
         previous step is being sent, and that one took the delay read at its claim (a week
         where the step now says a day). The sequences are read here first (and held, see
-        :func:`repository.sequence_versions`); the steps of any edited since the claim are read
+        :func:`repository.edited_sequences`); the steps of any edited since the claim are read
         again."""
         if not sent:
             return []
-        versions = await repo.sequence_versions(
-            session, {item.claimed.sequence_id for item in sent}
-        )
-        edited = {
-            item.claimed.sequence_id
-            for item in sent
-            if versions.get(item.claimed.sequence_id) != item.sequence_version
-        }
+        read = {item.claimed.sequence_id: item.sequence_version for item in sent}
+        edited = await repo.edited_sequences(session, read)
         delays: dict[tuple[uuid.UUID, int], float] = {}
         if edited:
             for sequence_id, rows in (await repo.load_steps(session, edited)).items():
