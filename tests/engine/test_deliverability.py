@@ -495,7 +495,7 @@ async def due_outside_a_monday_window(app: FastAPI, clock: ManualClock, tenant: 
 
 
 async def test_a_send_waiting_for_a_window_goes_out_once_the_window_is_removed(
-    app: FastAPI, db: Database, worker: Worker, sink: SinkServer, clock: ManualClock, tenant: Tenant
+    app: FastAPI, worker: Worker, sink: SinkServer, clock: ManualClock, tenant: Tenant
 ) -> None:
     """It waited for the old window's next opening (here the Monday), where null means any
     time."""
@@ -514,7 +514,7 @@ async def test_a_send_waiting_for_a_window_goes_out_once_the_window_is_removed(
 
 
 async def test_edited_delays_apply_to_contacts_waiting_for_their_step(
-    app: FastAPI, db: Database, worker: Worker, sink: SinkServer, clock: ManualClock, tenant: Tenant
+    app: FastAPI, worker: Worker, sink: SinkServer, clock: ManualClock, tenant: Tenant
 ) -> None:
     """SPEC §3: steps a contact has not reached run as edited. A contact waiting out a step's
     delay kept the wait computed from the old delay (7 days where the step now says 1), and
@@ -552,7 +552,6 @@ async def test_edited_delays_apply_to_contacts_waiting_for_their_step(
 
 async def test_a_window_removed_while_a_worker_decides_a_step_lets_it_go_out(
     app: FastAPI,
-    db: Database,
     worker: Worker,
     sink: SinkServer,
     clock: ManualClock,
@@ -643,9 +642,7 @@ async def two_steps_a_week_apart(tenant: Tenant) -> tuple[str, list[dict[str, An
 
 async def test_a_delay_edited_while_the_step_before_it_is_sent_applies(
     app: FastAPI,
-    db: Database,
     worker: Worker,
-    sink: SinkServer,
     clock: ManualClock,
     tenant: Tenant,
     monkeypatch: pytest.MonkeyPatch,
