@@ -63,6 +63,8 @@ class Scripted:
         self.messages: list[bytes] = []
         self.commands: list[bytes] = []
         self.arrived = asyncio.Event()  # set at each command
+        # Replies to the next DATA commands (then "354 go ahead").
+        self.go_aheads: list[bytes] = []
         self.writers: list[asyncio.StreamWriter] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -77,7 +79,10 @@ class Scripted:
                 if command.startswith(b"EHLO"):
                     pieces = [b"250-scripted\r\n250 8BITMIME\r\n"]
                 elif command == b"DATA":
-                    writer.write(b"354 go ahead\r\n")
+                    go_ahead = self.go_aheads.pop(0) if self.go_aheads else b"354 go ahead\r\n"
+                    writer.write(go_ahead)
+                    if not go_ahead.startswith(b"354"):
+                        continue  # refused: no message follows
                     message = await reader.readuntil(b"\r\n.\r\n")
                     self.messages.append(message)
                     pieces = self.answer(b"<message>")
@@ -119,12 +124,16 @@ def ok(command: bytes) -> list[bytes]:
 
 
 async def send_two(
-    answer: Answer, first_fails: tuple[type[Exception], str] | None = None
+    answer: Answer,
+    first_fails: tuple[type[Exception], str] | None = None,
+    go_aheads: tuple[bytes, ...] = (),
 ) -> Scripted:
     """Messages 1 and 2 through a transport of one connection slot, the first failing as
-    ``first_fails`` (the error's type and a pattern of its text) says, if given. Returns the
-    server, to count its connections and the messages it took."""
+    ``first_fails`` (the error's type and a pattern of its text) says, if given; the server
+    answers the first DATA commands with ``go_aheads``. Returns the server, to count its
+    connections and the messages it took."""
     async with scripted(answer) as (server, port):
+        server.go_aheads.extend(go_aheads)
         smtp = plain(port)
         if first_fails is None:
             await smtp.send(outgoing(1))
@@ -176,6 +185,63 @@ async def test_two_replies_to_one_command_answer_it_and_end_the_session() -> Non
 
     server = await send_two(answer)
     assert server.connections == 2 and len(server.messages) == 2
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply", "kind", "reason"),
+    [
+        (b"MAIL", b"451 4.3.0 try later\r\n", TransientSendError, r"^451 4\.3\.0 try later$"),
+        (b"RCPT", b"550 5.1.1 unknown\r\n", PermanentSendError, r"^bounced: 550 5\.1\.1 unknown$"),
+        (b"DATA", b"554 5.7.1 no\r\n", PermanentSendError, r"^bounced: 554 5\.7\.1 no$"),
+        (b"<message>", b"452 4.3.1 full\r\n", TransientSendError, r"^452 4\.3\.1 full$"),
+    ],
+    ids=["MAIL", "RCPT", "DATA", "message"],
+)
+async def test_a_refusal_at_any_stage_is_the_messages_outcome_and_the_session_carries_the_next(
+    stage: bytes, reply: bytes, kind: type[Exception], reason: str
+) -> None:
+    refusals = iter([[reply]])
+
+    def answer(command: bytes) -> list[bytes]:
+        if command.startswith(stage):
+            return next(refusals, [b"250 OK\r\n"])
+        return [b"250 OK\r\n"]
+
+    server = await send_two(
+        answer, first_fails=(kind, reason), go_aheads=(reply,) if stage == b"DATA" else ()
+    )
+    assert server.commands.count(b"RSET") == 1 and server.connections == 1
+    # The server read the refused message (refused once it had it all), then the next one.
+    assert len(server.messages) == (2 if stage == b"<message>" else 1)
+    # Nothing of the refused transaction was written after its refusal.
+    refused = server.commands[: server.commands.index(b"RSET")]
+    sent = [command.split(b":")[0] for command in refused if not command.startswith(b"EHLO")]
+    assert sent == {
+        b"MAIL": [b"MAIL FROM"],
+        b"RCPT": [b"MAIL FROM", b"RCPT TO"],
+    }.get(stage, [b"MAIL FROM", b"RCPT TO", b"DATA"])
+
+
+@pytest.mark.parametrize("stage", [b"MAIL", b"RCPT", b"DATA"])
+async def test_two_replies_to_a_command_before_the_message_send_nothing_and_end_the_session(
+    stage: bytes,
+) -> None:
+    """MAIL, RCPT and DATA follow one another as their replies come in: a second reply would be
+    taken for the next command's, so the message is not sent (a transient failure, retried) and
+    the next one goes over a new session."""
+    answers = iter([[b"250 OK\r\n250 and again\r\n"]])
+
+    def answer(command: bytes) -> list[bytes]:
+        if command.startswith(stage):
+            return next(answers, [b"250 OK\r\n"])
+        return [b"250 OK\r\n"]
+
+    server = await send_two(
+        answer,
+        first_fails=(TransientSendError, "More than one reply"),
+        go_aheads=(b"354 go ahead\r\n354 again\r\n",) if stage == b"DATA" else (),
+    )
+    assert server.connections == 2 and len(server.messages) == 1
 
 
 async def test_a_421_to_an_idle_session_makes_the_next_message_open_a_new_one() -> None:
