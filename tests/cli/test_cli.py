@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -248,3 +249,34 @@ def _check_serve(process: subprocess.Popen[str], port: int, lines: list[str]) ->
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_api_prints_its_listening_line_once_it_answers(
+    env: dict[str, str], tmp_path: Path, workers: int
+) -> None:
+    """`api` said nothing on stdout (uvicorn's log line only): a script could not tell when it
+    served. Its line comes once a request is answered, with one process or several."""
+    port = _free_port()
+    with subprocess.Popen(
+        [*OPENSEQUENCE, "api", "--port", str(port), "--workers", str(workers)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            # Within a minute, rather than waiting for good on a line that never comes.
+            readable, _, _ = select.select([process.stdout], [], [], 60)
+            assert readable, "no line on stdout within 60 s"
+            line = process.stdout.readline()
+            assert line.startswith(f"OpenSequence API listening on http://127.0.0.1:{port} "), line
+            assert (f"{workers} processes" in line) == (workers > 1), line
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        finally:
+            process.terminate()
+            rest, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert "listening" not in rest  # once

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import socket
 import sys
+import threading
 import uuid
 from contextlib import suppress
 from typing import TYPE_CHECKING, Annotated
@@ -216,14 +218,51 @@ def api(
     sock = bind_port(host, port, port_flag="--port", host_flag="--host")
     migrate(settings.database_url)
     _exit_0_after_sigterm()
-    with sock:  # uvicorn serves (and its worker processes inherit) a duplicate of it
-        uvicorn.run(
-            "opensequence.api.factory:app",
-            factory=True,
-            fd=sock.fileno(),
-            workers=workers,
-            log_config=None,
+    announce = f"OpenSequence API listening on http://{_url_host(host)}:{port} (docs at /docs)"
+    if workers == 1:
+        config = uvicorn.Config(
+            "opensequence.api.factory:app", factory=True, host=host, port=port, log_config=None
         )
+        run_server(config, sock, announce=announce)
+        return
+    answered = threading.Event()
+    threading.Thread(
+        target=_announce_once_answering,
+        args=(host, port, f"{announce[:-1]}, {workers} processes)", answered),
+        daemon=True,
+    ).start()
+    try:
+        with sock:  # uvicorn serves (and its worker processes inherit) a duplicate of it
+            uvicorn.run(
+                "opensequence.api.factory:app",
+                factory=True,
+                fd=sock.fileno(),
+                workers=workers,
+                log_config=None,
+            )
+    finally:
+        answered.set()
+
+
+def _announce_once_answering(host: str, port: int, announce: str, stop: threading.Event) -> None:
+    """Print ``announce`` once a ``GET /healthz`` on ``host:port`` is answered, as ``serve``
+    prints its line once the app has started: with ``--workers N`` the processes start on
+    their own, and the first answer says that one of them serves (the socket listens before
+    any does, and a connection made earlier would wait for it). Gives up when ``stop`` is set
+    (the server ended before it answered)."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    while not stop.is_set():
+        connection = http.client.HTTPConnection(target, port, timeout=1.0)
+        try:
+            connection.request("GET", "/healthz")
+            if connection.getresponse().status == 200:
+                typer.echo(announce)
+                return
+        except OSError:
+            pass
+        finally:
+            connection.close()
+        stop.wait(0.05)
 
 
 @keys_app.command("create")
