@@ -524,3 +524,15 @@ def test_sessions_over_tls_on_the_workers_event_loop(tls: str, tmp_path: Path) -
     implementation, and the worker runs on it."""
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         assert runner.run(_send_over_tls(tls, tmp_path)) == ["0", "1", "2"]
+
+
+async def test_an_idle_session_keeps_nothing_of_the_message_it_carried() -> None:
+    """A pool of idle sessions must not hold their last messages (a body may run to megabytes,
+    twenty sessions to twenty of them) until their next send."""
+    with SinkServer(Sink()) as server:
+        smtp = plain(server.port)
+        await smtp.send(outgoing(1, body=("x" * 78 + "\r\n") * 12_000))  # ~1 MB
+        idle = list(smtp._idle)
+        assert len(idle) == 1 and idle[0]._lines == ()
+        await smtp.aclose()
+    assert len(server.sink.raw) == 1

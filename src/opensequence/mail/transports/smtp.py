@@ -358,7 +358,8 @@ class _Session(asyncio.Protocol):
         try:
             return await waiter
         finally:
-            self._waiter = None
+            # Not kept until the next exchange: an idle session would hold its last message.
+            self._waiter, self._lines = None, ()
 
     async def sendmail(self, sender: str, recipient: str, data: bytes) -> None:
         client = self._client
