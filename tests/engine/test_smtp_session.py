@@ -536,3 +536,67 @@ async def test_an_idle_session_keeps_nothing_of_the_message_it_carried() -> None
         assert len(idle) == 1 and idle[0]._lines == ()
         await smtp.aclose()
     assert len(server.sink.raw) == 1
+
+
+async def test_closing_quits_every_idle_session_at_once() -> None:
+    """A server answers the QUITs only once all five have come: closed one after another (each
+    waiting up to the timeout for its answer) the transport dropped four connections unanswered,
+    and a worker stopping beside a silent server took the timeout times its pool to exit."""
+    sessions = 5
+    quits: list[asyncio.StreamWriter] = []
+    all_quit = asyncio.Event()
+    answered = hung_up_first = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered, hung_up_first
+        writer.write(b"220 hi\r\n")
+        try:
+            while line := await reader.readline():
+                command = line.strip().upper()
+                if command == b"QUIT":
+                    quits.append(writer)
+                    if len(quits) == sessions:
+                        all_quit.set()
+                    hang_up = asyncio.ensure_future(reader.read())
+                    everyone = asyncio.ensure_future(all_quit.wait())
+                    await asyncio.wait([hang_up, everyone], return_when=asyncio.FIRST_COMPLETED)
+                    everyone.cancel()
+                    if hang_up.done():
+                        hung_up_first += 1
+                    else:
+                        hang_up.cancel()
+                        writer.write(b"221 bye\r\n")
+                        answered += 1
+                    return
+                if command.startswith(b"EHLO"):
+                    writer.write(b"250-x\r\n250 8BITMIME\r\n")
+                elif command == b"DATA":
+                    writer.write(b"354 go\r\n")
+                    await reader.readuntil(b"\r\n.\r\n")
+                    writer.write(b"250 ok\r\n")
+                else:
+                    writer.write(b"250 ok\r\n")
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    listening = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    try:
+        smtp = SmtpTransport(
+            host="127.0.0.1",
+            port=port,
+            username=None,
+            password=None,
+            tls="none",
+            pool_size=sessions,
+            timeout=1.0,
+        )
+        await asyncio.gather(*(smtp.send(outgoing(n)) for n in range(sessions)))
+        assert len(smtp._idle) == sessions
+        await smtp.aclose()
+    finally:
+        listening.close()
+        await listening.wait_closed()
+    assert (answered, hung_up_first) == (sessions, 0)

@@ -44,6 +44,9 @@ from opensequence.validation import is_seed_email
 # (see SmtpTransport._open).
 OPEN_PAUSE_SECONDS = 1.0
 OPEN_PAUSE_MAX_SECONDS = 10.0
+# The longest a closing transport waits for the answer to its QUIT (a courtesy to the server:
+# every message is answered by then) before it drops the connection.
+QUIT_SECONDS = 5.0
 
 
 def classify(exc: BaseException) -> SendError:
@@ -204,19 +207,26 @@ class SmtpTransport:
                     session.close()
 
     async def aclose(self) -> None:
+        """QUIT on every idle connection at once, each dropped if its answer does not come
+        within :data:`QUIT_SECONDS` (or the send timeout, if shorter); returns once all are
+        closed. One after another, each waiting up to the send timeout, a worker stopping
+        while its server had gone silent took the timeout times the pool (20 x 30 s with the
+        defaults) to exit, and was killed long before."""
         if self._watchdog is not None:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
             self._watchdog = None
         idle, self._idle = self._idle, []
-        for session in idle:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await session.quit()
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                session.close()
-            await session.wait_closed()
+        await asyncio.gather(*(self._quit(session) for session in idle))
+
+    async def _quit(self, session: _Session) -> None:
+        try:
+            async with asyncio.timeout(min(self.timeout, QUIT_SECONDS)):
+                await session.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            session.close()
+        await session.wait_closed()
 
 
 async def _transaction(session: _Session, outgoing: Outgoing) -> None:
