@@ -251,15 +251,19 @@ def _check_serve(process: subprocess.Popen[str], port: int, lines: list[str]) ->
         process.wait(timeout=30)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(
+    ("workers", "host", "shown"),
+    [(1, "127.0.0.1", "127.0.0.1"), (2, "127.0.0.1", "127.0.0.1"), (2, "", "0.0.0.0")],
+)
 def test_api_prints_its_listening_line_once_it_answers(
-    env: dict[str, str], tmp_path: Path, workers: int
+    env: dict[str, str], tmp_path: Path, workers: int, host: str, shown: str
 ) -> None:
     """`api` said nothing on stdout (uvicorn's log line only): a script could not tell when it
-    served. Its line comes once a request is answered, with one process or several."""
+    served. Its line comes once a request is answered, with one process or several, on one
+    interface or all (``--host ""``)."""
     port = _free_port()
     with subprocess.Popen(
-        [*OPENSEQUENCE, "api", "--port", str(port), "--workers", str(workers)],
+        [*OPENSEQUENCE, "api", "--host", host, "--port", str(port), "--workers", str(workers)],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -272,7 +276,7 @@ def test_api_prints_its_listening_line_once_it_answers(
             readable, _, _ = select.select([process.stdout], [], [], 60)
             assert readable, "no line on stdout within 60 s"
             line = process.stdout.readline()
-            assert line.startswith(f"OpenSequence API listening on http://127.0.0.1:{port} "), line
+            assert line.startswith(f"OpenSequence API listening on http://{shown}:{port} "), line
             assert (f"{workers} processes" in line) == (workers > 1), line
             assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
         finally:

@@ -207,9 +207,11 @@ async def test_a_refusal_at_any_stage_is_the_messages_outcome_and_the_session_ca
             return next(refusals, [b"250 OK\r\n"])
         return [b"250 OK\r\n"]
 
-    server = await send_two(
-        answer, first_fails=(kind, reason), go_aheads=(reply,) if stage == b"DATA" else ()
-    )
+    # The server answers DATA itself (its go-aheads), never through ``answer``.
+    if stage == b"DATA":
+        server = await send_two(ok, first_fails=(kind, reason), go_aheads=(reply,))
+    else:
+        server = await send_two(answer, first_fails=(kind, reason))
     assert server.commands.count(b"RSET") == 1 and server.connections == 1
     # The server read the refused message (refused once it had it all), then the next one.
     assert len(server.messages) == (2 if stage == b"<message>" else 1)
@@ -236,11 +238,12 @@ async def test_two_replies_to_a_command_before_the_message_send_nothing_and_end_
             return next(answers, [b"250 OK\r\n"])
         return [b"250 OK\r\n"]
 
-    server = await send_two(
-        answer,
-        first_fails=(TransientSendError, "More than one reply"),
-        go_aheads=(b"354 go ahead\r\n354 again\r\n",) if stage == b"DATA" else (),
-    )
+    fails = (TransientSendError, "More than one reply")
+    # The server answers DATA itself (its go-aheads), never through ``answer``.
+    if stage == b"DATA":
+        server = await send_two(ok, fails, go_aheads=(b"354 go ahead\r\n354 again\r\n",))
+    else:
+        server = await send_two(answer, fails)
     assert server.connections == 2 and len(server.messages) == 1
 
 

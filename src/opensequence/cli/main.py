@@ -98,8 +98,9 @@ def serve(host: HostOpt = "127.0.0.1", port: PortOpt = 8000) -> None:
 
 
 def _url_host(host: str) -> str:
-    """``host`` as a URL writes it: an IPv6 address in brackets (``http://[::1]:8000``)."""
-    return f"[{host}]" if ":" in host else host
+    """``host`` as a URL writes it: an IPv6 address in brackets (``http://[::1]:8000``), and
+    ``--host ""`` (every IPv4 interface, as for ``bind``) as ``0.0.0.0``."""
+    return f"[{host}]" if ":" in host else host or "0.0.0.0"
 
 
 def run_server(config: uvicorn.Config, sock: socket.socket, *, announce: str) -> None:
@@ -247,10 +248,10 @@ def api(
 def _announce_once_answering(host: str, port: int, announce: str, stop: threading.Event) -> None:
     """Print ``announce`` once a ``GET /healthz`` on ``host:port`` is answered, as ``serve``
     prints its line once the app has started: with ``--workers N`` the processes start on
-    their own, and the first answer says that one of them serves (the socket listens before
-    any does, and a connection made earlier would wait for it). Gives up when ``stop`` is set
-    (the server ended before it answered)."""
-    target = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    their own, and the socket listens only once the first of them has started, so the
+    first answer says that one serves. Gives up when ``stop`` is set (the server ended before
+    it answered)."""
+    target = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     while not stop.is_set():
         connection = http.client.HTTPConnection(target, port, timeout=1.0)
         try:
@@ -258,7 +259,7 @@ def _announce_once_answering(host: str, port: int, announce: str, stop: threadin
             if connection.getresponse().status == 200:
                 typer.echo(announce)
                 return
-        except OSError:
+        except (OSError, http.client.HTTPException):
             pass
         finally:
             connection.close()
