@@ -89,10 +89,11 @@ def test_usage_and_config_errors_exit_2_with_one_line(env: dict[str, str], tmp_p
     assert "http:// or https://" in bad_public.stderr
     # serve started with its worker dead on arrival (no log until shutdown); worker said so.
     for command in (["serve", "--port", str(_free_port())], ["worker"]):
-        bad_mail = run_cli(command, {**env, "OPENSEQUENCE_MAIL_URL": "bogus://x"}, tmp_path)
-        assert bad_mail.returncode == 2, (command, bad_mail.stderr)
-        assert bad_mail.stderr.strip().count("\n") == 0
-        assert "OPENSEQUENCE_MAIL_URL" in bad_mail.stderr
+        for url in ("bogus://x", "smtp://mail.example?tsl=starttls"):
+            bad_mail = run_cli(command, {**env, "OPENSEQUENCE_MAIL_URL": url}, tmp_path)
+            assert bad_mail.returncode == 2, (command, bad_mail.stderr)
+            assert bad_mail.stderr.strip().count("\n") == 0
+            assert "OPENSEQUENCE_MAIL_URL" in bad_mail.stderr
     # A database that cannot be opened printed a ~140-line traceback and exited 1.
     for url in (
         f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'db.sqlite'}",

@@ -469,6 +469,25 @@ def test_transport_urls() -> None:
             transport_from_url(bad)
 
 
+def test_smtp_urls_set_the_timeout_and_refuse_what_they_do_not_know() -> None:
+    """A misspelt parameter (``tsl=starttls``) was ignored, and the mail went out in clear."""
+    assert transport_from_url("smtp://h?tls=starttls&timeout=2.5").timeout == 2.5  # type: ignore[attr-defined]
+    assert transport_from_url("smtp://h", timeout=7).timeout == 7  # type: ignore[attr-defined]
+    refused = {
+        "smtp://h?tsl=starttls": "unknown parameter 'tsl' (known: tls, timeout)",
+        "smtp://h?tls=none&tls=starttls": "tls is given more than once",
+        "smtp://h?tls": "cannot read the parameters 'tls'",
+        "maildir://./outbox?x=1": "maildir:// takes no parameters",
+    }
+    for value in ("0", "-1", "nan", "inf", "", "soon", "3601"):
+        refused[f"smtp://h?timeout={value}"] = (
+            f"timeout must be seconds above 0 and at most 3600, not '{value}'"
+        )
+    for url, message in refused.items():
+        with pytest.raises(ValueError, match=re.escape(f"mail url: {message}")):
+            transport_from_url(url)
+
+
 def test_smtp_errors_map_to_the_retry_policy() -> None:
     assert isinstance(classify(aiosmtplib.SMTPDataError(451, "later")), TransientSendError)
     bounce = classify(

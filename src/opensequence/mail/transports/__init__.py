@@ -6,8 +6,9 @@ A transport either delivers, or raises :class:`~opensequence.mail.errors.Transie
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from opensequence.mail.message import Outgoing
 
@@ -18,24 +19,37 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
+# Query parameters of an smtp:// URL, and the longest ``timeout`` it may set.
+SMTP_OPTIONS = ("tls", "timeout")
+MAX_TIMEOUT_SECONDS = 3600.0
+
+
 def transport_from_url(url: str, *, pool_size: int = 10, timeout: float = 30.0) -> Transport:
-    """``smtp://user:pass@host:port?tls=starttls|tls|none`` or ``maildir://path``.
+    """``smtp://user:pass@host:port?tls=starttls|tls|none&timeout=SECONDS`` or
+    ``maildir://path``.
 
     ``maildir://./outbox`` is relative to the working directory, ``maildir:///var/mail/x``
-    absolute. Unknown schemes raise ValueError with a one-line message.
+    absolute. ``timeout`` (default ``timeout``, 30 s) bounds opening a connection and each
+    send. An unknown scheme or parameter, a parameter given twice or a value out of range
+    raises ValueError with a one-line message: a misspelt ``tls`` used to be ignored, and the
+    mail went out in clear.
     """
     parts = urlsplit(url)
     if parts.scheme == "maildir":
         from opensequence.mail.transports.maildir import MaildirTransport
 
+        if parts.query:
+            raise ValueError("mail url: maildir:// takes no parameters (a '?' in the path: %3F)")
         return MaildirTransport(unquote(parts.netloc + parts.path))
     if parts.scheme in ("smtp", "smtps"):
         from opensequence.mail.transports.smtp import SmtpTransport
 
-        options = parse_qs(parts.query)
-        tls = options.get("tls", ["tls" if parts.scheme == "smtps" else "none"])[0]
+        options = _options(parts.query)
+        tls = options.get("tls", "tls" if parts.scheme == "smtps" else "none")
         if tls not in ("starttls", "tls", "none"):
             raise ValueError(f"mail url: tls must be starttls, tls or none, not {tls!r}")
+        if "timeout" in options:
+            timeout = _seconds(options["timeout"])
         default_port = {"tls": 465, "starttls": 587, "none": 25}[tls]
         return SmtpTransport(
             host=parts.hostname or "127.0.0.1",
@@ -47,3 +61,32 @@ def transport_from_url(url: str, *, pool_size: int = 10, timeout: float = 30.0) 
             timeout=timeout,
         )
     raise ValueError(f"mail url: unsupported scheme {parts.scheme!r} (use smtp:// or maildir://)")
+
+
+def _options(query: str) -> dict[str, str]:
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ValueError(f"mail url: cannot read the parameters {query!r}") from None
+    options: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in SMTP_OPTIONS:
+            known = ", ".join(SMTP_OPTIONS)
+            raise ValueError(f"mail url: unknown parameter {name!r} (known: {known})")
+        if name in options:
+            raise ValueError(f"mail url: {name} is given more than once")
+        options[name] = value
+    return options
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TIMEOUT_SECONDS:  # NaN fails too
+        raise ValueError(
+            f"mail url: timeout must be seconds above 0 and at most {MAX_TIMEOUT_SECONDS:g},"
+            f" not {value!r}"
+        )
+    return seconds
