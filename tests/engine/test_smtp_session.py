@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from opensequence.cli.common import event_loop_factory
 from opensequence.mail.errors import PermanentSendError, TransientSendError
 from opensequence.mail.message import Outgoing
+from opensequence.mail.transports import smtp as smtp_module
 from opensequence.mail.transports.smtp import SmtpTransport
 from tests.engine.sink import Sink, SinkServer, free_port
 
@@ -53,6 +54,8 @@ def plain(port: int, timeout: float = 5.0) -> SmtpTransport:
 
 
 Answer = Callable[[bytes], list[bytes]]
+# An answer that closes the connection instead of replying.
+HANG_UP = b"<hang up>"
 
 
 class Scripted:
@@ -91,6 +94,8 @@ class Scripted:
                     break
                 else:
                     pieces = self.answer(command)
+                if pieces == [HANG_UP]:
+                    break
                 for piece in pieces:
                     writer.write(piece)
                     await writer.drain()
@@ -603,3 +608,62 @@ async def test_closing_quits_every_idle_session_at_once() -> None:
         listening.close()
         await listening.wait_closed()
     assert (answered, hung_up_first) == (sessions, 0)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [[b"421 4.7.0 too many messages on this connection\r\n"], [HANG_UP]],
+    ids=["421", "hang-up"],
+)
+async def test_a_reused_session_that_ended_before_the_content_is_replaced_at_once(
+    ending: list[bytes],
+) -> None:
+    """Servers end sessions after so many messages (a 421 to the next MAIL) or when idle: the
+    message went back as a transient failure and waited out a retry delay. It now goes over a
+    new session at once, its content having never been written."""
+    mails = iter([[b"250 OK\r\n"], ending])
+
+    def answer(command: bytes) -> list[bytes]:
+        return next(mails, [b"250 OK\r\n"]) if command.startswith(b"MAIL") else ok(command)
+
+    server = await send_two(answer)
+    assert server.connections == 2 and len(server.messages) == 2
+
+
+async def test_a_session_that_ends_after_the_content_is_not_tried_again() -> None:
+    """Once the content is written the server may have taken it: a hang-up before the reply is
+    the message's transient failure (a later resend keeps its Message-ID), never a resend now."""
+    replies = iter([[b"250 queued\r\n"], [HANG_UP]])
+
+    def answer(command: bytes) -> list[bytes]:
+        return next(replies, [b"250 queued\r\n"]) if command == b"<message>" else ok(command)
+
+    async with scripted(answer) as (server, port):
+        smtp = plain(port)
+        await smtp.send(outgoing(1))
+        with pytest.raises(TransientSendError):
+            await smtp.send(outgoing(2))
+        await smtp.aclose()
+    assert server.connections == 1 and len(server.messages) == 2
+
+
+async def test_a_new_session_that_ends_before_the_content_is_not_tried_again() -> None:
+    """Only a reused session is replaced: a new one refused at once says the server will not
+    take mail now (the send is retried later, not in a loop)."""
+    mails = iter([[b"421 4.3.2 not now\r\n"]])
+
+    def answer(command: bytes) -> list[bytes]:
+        return next(mails, [b"250 OK\r\n"]) if command.startswith(b"MAIL") else ok(command)
+
+    server = await send_two(answer, first_fails=(TransientSendError, r"^421 4\.3\.2 not now$"))
+    assert sum(command.startswith(b"MAIL") for command in server.commands) == 2
+    assert server.connections == 2 and len(server.messages) == 1
+
+
+async def test_a_session_idle_too_long_is_closed_rather_than_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(smtp_module, "IDLE_SESSION_SECONDS", -1.0)  # any idle time is too long
+    server = await send_two(ok)
+    assert server.connections == 2 and server.ended == 2 and len(server.messages) == 2
+    assert b"RSET" not in server.commands

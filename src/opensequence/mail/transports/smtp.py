@@ -44,6 +44,10 @@ from opensequence.validation import is_seed_email
 # (see SmtpTransport._open).
 OPEN_PAUSE_SECONDS = 1.0
 OPEN_PAUSE_MAX_SECONDS = 10.0
+# How long an idle session may wait for its next message: servers end idle sessions (Postfix
+# after 10 s when under stress), and a connection dropped without a word held a send to its
+# deadline. Older ones are closed and a new session opened instead, a handshake.
+IDLE_SESSION_SECONDS = 10.0
 # The longest a closing transport waits for the answer to its QUIT (a courtesy to the server:
 # every message is answered by then) before it drops the connection.
 QUIT_SECONDS = 5.0
@@ -131,24 +135,56 @@ class SmtpTransport:
         return _Session(client)
 
     async def send(self, outgoing: Outgoing) -> None:
+        """Send over an idle session, or a new one. A reused session that the server turns out
+        to have given up on before this message's content went out (closed, silent, or a
+        ``421`` to MAIL: servers end sessions idle for a while or after so many messages) is
+        replaced, and the message tried once more on a new session at once: reported as a
+        transient failure, it waited out a retry delay (a minute at first) for nothing.
+        Once the content has been written the server may have taken it, so such a failure is
+        the message's (a resend could be a duplicate)."""
         async with self._slots:
-            session = self._idle.pop() if self._idle else None
-            if session is None or not session.connected:
-                session = await self._open()
-            try:
-                await self._sendmail(session, outgoing)
-            except _Refused as refused:
-                # This message was refused; the connection is reset and carries the next one
-                # (reconnecting after every bounce would cost a handshake each).
-                self._idle.append(session)
-                raise classify(refused.reply) from refused.reply
-            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                session.close()
-                raise classify(exc) from exc
-            except BaseException:
-                session.close()  # cancelled mid-message: where the session stands is unknown
-                raise
-            self._idle.append(session)
+            session = self._reusable()
+            if session is not None:
+                try:
+                    await self._send_on(session, outgoing, reused=True)
+                    return
+                except _Stale:
+                    pass
+            await self._send_on(await self._open(), outgoing, reused=False)
+
+    def _reusable(self) -> _Session | None:
+        """The most recently used idle session that is still open and has been idle for at most
+        :data:`IDLE_SESSION_SECONDS`; older ones are dropped on the way (a connection a NAT or
+        the server dropped without a word would hold the send to its deadline)."""
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            session = self._idle.pop()
+            if session.connected and now - session.idle_since <= IDLE_SESSION_SECONDS:
+                return session
+            session.close()
+        return None
+
+    async def _send_on(self, session: _Session, outgoing: Outgoing, *, reused: bool) -> None:
+        try:
+            await self._sendmail(session, outgoing)
+        except _Refused as refused:
+            # This message was refused; the connection is reset and carries the next one
+            # (reconnecting after every bounce would cost a handshake each).
+            self._park(session)
+            raise classify(refused.reply) from refused.reply
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            session.close()
+            if reused and not session.content_written and _session_ended(exc):
+                raise _Stale from exc
+            raise classify(exc) from exc
+        except BaseException:
+            session.close()  # cancelled mid-message: where the session stands is unknown
+            raise
+        self._park(session)
+
+    def _park(self, session: _Session) -> None:
+        session.idle_since = asyncio.get_running_loop().time()
+        self._idle.append(session)
 
     async def _open(self) -> _Session:
         """A new session, or a transient error whatever the server answered: a 5xx to EHLO,
@@ -315,6 +351,10 @@ class _Session(asyncio.Protocol):
         # What the exchange waited for writes (see _exchange), and which of them was written last.
         self._lines: tuple[bytes, ...] = ()
         self._stage = 0
+        # Whether the last message's content (after DATA) may have reached the server (see
+        # SmtpTransport.send), and since when the session has been idle in its pool.
+        self.content_written = False
+        self.idle_since = 0.0
         self._lost = False
         # Done once the connection is closed (connection_lost), see wait_closed.
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -350,6 +390,7 @@ class _Session(asyncio.Protocol):
         Each is written by :meth:`data_received` as soon as the reply to the one before lets the
         transaction go on (:data:`_GOES_ON`); the sending task wakes once, to the reply that
         ended it. Returns that reply's stage (``_MAIL`` … ``_MESSAGE``), code and text."""
+        self.content_written = False
         return await self._exchange(
             (
                 f"MAIL FROM:<{sender}>\r\n".encode("ascii"),
@@ -374,6 +415,7 @@ class _Session(asyncio.Protocol):
     async def sendmail(self, sender: str, recipient: str, data: bytes) -> None:
         client = self._client
         assert client.protocol is not None
+        self.content_written = True  # aiosmtplib's stages are not followed: assume the worst
         self._transport.set_protocol(client.protocol)
         try:
             await client.sendmail(sender, [recipient], data)
@@ -421,8 +463,10 @@ class _Session(asyncio.Protocol):
                     return
             elif goes_on:
                 buffer.clear()
-                self._stage = stage + 1
-                self._transport.write(self._lines[stage + 1])
+                self._stage = stage = stage + 1
+                if stage == _MESSAGE:
+                    self.content_written = True
+                self._transport.write(self._lines[stage])
                 return
             text = "\n".join(
                 each[4:].strip(b" \t\r\n").decode("utf-8", "replace") for each in lines
@@ -452,6 +496,20 @@ class _Session(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
+
+
+def _session_ended(exc: BaseException) -> bool:
+    """Whether a failure says the session is over rather than anything about the message: the
+    connection lost or reset, no answer within the deadline, or ``421`` (the server closing
+    the session)."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return exc.code == aiosmtplib.SMTPStatus.domain_unavailable
+    ended = aiosmtplib.SMTPServerDisconnected | aiosmtplib.SMTPTimeoutError | OSError | TimeoutError
+    return isinstance(exc, ended)
+
+
+class _Stale(Exception):
+    """A reused session turned out to be over before the message's content went out."""
 
 
 class _Refused(Exception):
