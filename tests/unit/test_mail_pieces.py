@@ -12,6 +12,7 @@ from email.header import Header, decode_header, make_header
 from email.message import EmailMessage
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
+from email.quoprimime import body_encode
 from email.utils import format_datetime
 from html.parser import HTMLParser
 
@@ -31,6 +32,7 @@ from opensequence.mail.message import (
     build_message,
     format_from,
     html_to_text,
+    quoted_printable,
 )
 from opensequence.mail.render import TemplateError, render
 from opensequence.mail.transports import transport_from_url
@@ -283,6 +285,23 @@ def test_message_bytes_are_what_the_stdlib_generator_writes(
     assert raw == _stdlib_message(**fields, boundary=boundary.group(1).decode())  # type: ignore[arg-type]
     # Every line, headers included: a longer one is refused by servers (a 5xx, so a bounce).
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+
+
+# Runs that put the stdlib's cuts, escapes and trailing white space at every position.
+_QP_TEXT = st.lists(
+    st.one_of(
+        st.text(alphabet="a =\t\r\n\x00\x0b\x85\xe9\xff.", max_size=6),
+        st.integers(min_value=60, max_value=160).map(lambda n: "x" * n),
+        st.sampled_from(["=" * 3, " " * 3, "\t ", "\r\n", "=3D", "\xe2\x80\x94"]),
+    ),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(text=_QP_TEXT)
+def test_quoted_printable_is_what_the_stdlib_writes(text: str) -> None:
+    assert quoted_printable(text) == re.sub(r"\r\n|\r|\n", "\r\n", body_encode(text))
 
 
 class _TextExtractor(HTMLParser):
