@@ -667,3 +667,177 @@ async def test_a_session_idle_too_long_is_closed_rather_than_reused(
     server = await send_two(ok)
     assert server.connections == 2 and server.ended == 2 and len(server.messages) == 2
     assert b"RSET" not in server.commands
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind", "reason"),
+    [
+        ([b"450 4.2.0 mailbox busy\r\n"], TransientSendError, r"^450 4\.2\.0 mailbox busy$"),
+        ([b"550 5.7.1 sender refused\r\n"], PermanentSendError, r"^rejected: 550 5\.7\.1 "),
+        ([b"OK then\r\n"], TransientSendError, "Malformed"),
+    ],
+    ids=["450", "550", "garbled"],
+)
+async def test_a_reused_sessions_refusal_or_garbled_reply_is_the_messages(
+    reply: list[bytes], kind: type[Exception], reason: str
+) -> None:
+    """Only a session that ended is replaced: a refusal speaks of the message (it is retried
+    later, or fails), and a reply out of step of the server, not of a stale session."""
+    mails = iter([[b"250 OK\r\n"], reply])
+
+    def answer(command: bytes) -> list[bytes]:
+        return next(mails, [b"250 OK\r\n"]) if command.startswith(b"MAIL") else ok(command)
+
+    async with scripted(answer) as (server, port):
+        smtp = plain(port)
+        await smtp.send(outgoing(1))
+        with pytest.raises(kind, match=reason):
+            await smtp.send(outgoing(2))
+        await smtp.aclose()
+    assert sum(command.startswith(b"MAIL") for command in server.commands) == 2
+    assert len(server.messages) == 1
+
+
+async def test_a_reused_session_gone_silent_is_replaced_after_the_deadline() -> None:
+    """A connection dropped without a word (a NAT's idle timeout) answers nothing: the message
+    goes over a new session once the send's deadline has passed."""
+    mails = iter([[b"250 OK\r\n"], []])  # the second MAIL is never answered
+
+    def answer(command: bytes) -> list[bytes]:
+        return next(mails, [b"250 OK\r\n"]) if command.startswith(b"MAIL") else ok(command)
+
+    async with scripted(answer) as (server, port):
+        smtp = plain(port, timeout=0.5)
+        await smtp.send(outgoing(1))
+        await smtp.send(outgoing(2))
+        await smtp.aclose()
+    assert server.connections == 2 and len(server.messages) == 2
+
+
+async def test_a_message_through_sendmail_is_never_tried_again_on_a_new_session() -> None:
+    """aiosmtplib's ``sendmail`` (addresses the intake pattern does not admit) is not followed
+    stage by stage: whatever ends its session, its message may have been taken."""
+    mails = iter([[b"250 OK\r\n"], [HANG_UP]])
+
+    def answer(command: bytes) -> list[bytes]:
+        if command.startswith(b"RCPT"):  # the first message refused before its content
+            return [b"550 5.1.1 unknown\r\n"]
+        return next(mails, [b"250 OK\r\n"]) if command.startswith(b"MAIL") else ok(command)
+
+    async with scripted(answer) as (server, port):
+        smtp = plain(port)
+        with pytest.raises(PermanentSendError):
+            await smtp.send(outgoing(1))
+        with pytest.raises(TransientSendError):
+            await smtp.send(outgoing(2, recipient="p2@localhost"))
+        await smtp.aclose()
+    assert server.connections == 1
+    assert sum(command.startswith(b"MAIL") for command in server.commands) == 2
+
+
+async def test_closing_drops_a_tls_session_whose_server_never_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server answers QUIT and then neither closes nor answers TLS's close: waiting for the
+    connection to close took TLS's own 30 s, outside the QUIT bound, and a wait cut short by
+    that bound cancelled the session's "closed" future for good (``aclose`` then raised
+    CancelledError). The session is now dropped at the bound and ``aclose`` returns."""
+    monkeypatch.setattr(smtp_module, "QUIT_SECONDS", 0.2)
+    cert, key = _certificate(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    stuck = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        writer.write(b"220 hi\r\n")
+        while line := await reader.readline():
+            command = line.strip().upper()
+            if command == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                writer.transport.pause_reading()  # TLS's close is never read, nor answered
+                await stuck.wait()
+                return
+            if command.startswith(b"EHLO"):
+                writer.write(b"250-x\r\n250 8BITMIME\r\n")
+            elif command == b"DATA":
+                writer.write(b"354 go\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                writer.write(b"250 ok\r\n")
+            else:
+                writer.write(b"250 ok\r\n")
+
+    listening = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context)
+    port = listening.sockets[0].getsockname()[1]
+    try:
+        smtp = SmtpTransport(
+            host="127.0.0.1",
+            port=port,
+            username=None,
+            password=None,
+            tls="tls",
+            pool_size=1,
+            timeout=30.0,
+            tls_context=ssl.create_default_context(cafile=str(cert)),
+        )
+        await smtp.send(outgoing(1))
+        (session,) = smtp._idle
+        async with asyncio.timeout(20):  # a guard against hanging the suite, not a measure
+            await smtp.aclose()
+        assert not session.connected
+    finally:
+        stuck.set()
+        for writer in writers:
+            writer.transport.abort()
+        listening.close()
+        await listening.wait_closed()
+
+
+async def test_a_cancelled_close_drops_its_sessions() -> None:
+    """Cancelled while the QUITs wait for their answers, closing left the connections open."""
+    quits = asyncio.Event()
+    quitting = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal quitting
+        writer.write(b"220 hi\r\n")
+        while line := await reader.readline():
+            command = line.strip().upper()
+            if command == b"QUIT":  # never answered
+                quitting += 1
+                quits.set()
+            elif command.startswith(b"EHLO"):
+                writer.write(b"250-x\r\n250 8BITMIME\r\n")
+            elif command == b"DATA":
+                writer.write(b"354 go\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                writer.write(b"250 ok\r\n")
+            else:
+                writer.write(b"250 ok\r\n")
+        writer.close()
+
+    listening = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    try:
+        smtp = SmtpTransport(
+            host="127.0.0.1",
+            port=port,
+            username=None,
+            password=None,
+            tls="none",
+            pool_size=3,
+            timeout=30.0,
+        )
+        await asyncio.gather(*(smtp.send(outgoing(n)) for n in range(3)))
+        sessions = list(smtp._idle)
+        closing = asyncio.create_task(smtp.aclose())
+        while quitting < 3:
+            quits.clear()
+            await quits.wait()
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+        assert len(sessions) == 3 and not any(session.connected for session in sessions)
+    finally:
+        listening.close()

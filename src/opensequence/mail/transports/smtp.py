@@ -6,9 +6,11 @@ DATA) is followed by RSET and the connection goes back to the pool; after any ot
 closed, its protocol state being unknown. aiosmtplib's exceptions are mapped here to the two
 kinds the retry policy knows (4xx and network trouble → transient, 5xx → permanent).
 
-``timeout`` bounds opening a connection and, separately, each send as a whole (MAIL, RCPT, DATA
-and the message). The send deadline is kept by one watchdog per pool rather than by a timer
-around every SMTP command, which cost ~18 us of the event loop per message: a connection
+``timeout`` bounds opening a connection and, separately, each attempt at a send as a whole
+(MAIL, RCPT, DATA and the message); a message is tried a second time, on a new session, only
+when a reused session turns out to be over before its content went out (see
+:meth:`SmtpTransport.send`). The send deadline is kept by one watchdog per pool rather than by
+a timer around every SMTP command, which cost ~18 us of the event loop per message: a connection
 still busy past its deadline is closed, its pending command fails, and the send is reported
 as a timeout (transient).
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import ssl
 from typing import Any
@@ -39,6 +42,8 @@ from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH
 from opensequence.mail.errors import PermanentSendError, SendError, TransientSendError
 from opensequence.mail.message import Outgoing
 from opensequence.validation import is_seed_email
+
+log = logging.getLogger(__name__)
 
 # The pause after a session failed to open, doubling to the longest while they keep failing
 # (see SmtpTransport._open).
@@ -175,6 +180,12 @@ class SmtpTransport:
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             session.close()
             if reused and not session.content_written and _session_ended(exc):
+                log.info(
+                    "SMTP session to %s:%d was over (%s); sending on a new one",
+                    self.host,
+                    self.port,
+                    exc,
+                )
                 raise _Stale from exc
             raise classify(exc) from exc
         except BaseException:
@@ -257,12 +268,18 @@ class SmtpTransport:
         await asyncio.gather(*(self._quit(session) for session in idle))
 
     async def _quit(self, session: _Session) -> None:
+        """QUIT, and the connection closed, within the bound; else (a server that answers but
+        never closes: a TLS close waits up to 30 s for its peer) or on cancellation, dropped."""
         try:
             async with asyncio.timeout(min(self.timeout, QUIT_SECONDS)):
                 await session.quit()
+                await session.wait_closed()
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             session.close()
-        await session.wait_closed()
+            await session.wait_closed()
+        except BaseException:
+            session.close()
+            raise
 
 
 async def _transaction(session: _Session, outgoing: Outgoing) -> None:
@@ -377,8 +394,9 @@ class _Session(asyncio.Protocol):
 
     async def wait_closed(self) -> None:
         """Until the connection is closed: its socket is closed by a callback of the event
-        loop, which a loop ending right after ``aclose`` would never run."""
-        await self._closed
+        loop, which a loop ending right after ``aclose`` would never run. Shielded: a caller's
+        cancellation (a timeout around it) must not cancel the future every later wait reads."""
+        await asyncio.shield(self._closed)
 
     async def command(self, line: bytes) -> tuple[int, str]:
         """Write ``line`` (a command) and return the reply's code and text."""
