@@ -492,13 +492,17 @@ def test_smtp_urls_set_the_timeout_and_refuse_what_they_do_not_know() -> None:
     """A misspelt parameter (``tsl=starttls``) was ignored, and the mail went out in clear."""
     assert transport_from_url("smtp://h?tls=starttls&timeout=2.5").timeout == 2.5  # type: ignore[attr-defined]
     assert transport_from_url("smtp://h", timeout=7).timeout == 7  # type: ignore[attr-defined]
+    # Empty pieces were accepted before, and still are.
+    for url in ("smtp://h?tls=starttls&", "smtp://h?&tls=starttls&&timeout=.5", "smtps://h"):
+        transport_from_url(url)
     refused = {
         "smtp://h?tsl=starttls": "unknown parameter 'tsl' (known: tls, timeout)",
         "smtp://h?tls=none&tls=starttls": "tls is given more than once",
         "smtp://h?tls": "cannot read the parameters 'tls'",
         "maildir://./outbox?x=1": "maildir:// takes no parameters",
+        "smtps://h?tls=none": "smtps:// is TLS from the start, not tls=none",
     }
-    for value in ("0", "-1", "nan", "inf", "", "soon", "3601"):
+    for value in ("0", "-1", "nan", "inf", "", "soon", "3601", "5_0", "1e-3"):
         refused[f"smtp://h?timeout={value}"] = (
             f"timeout must be seconds above 0 and at most 3600, not '{value}'"
         )

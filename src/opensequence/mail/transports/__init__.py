@@ -7,6 +7,7 @@ A transport either delivers, or raises :class:`~opensequence.mail.errors.Transie
 from __future__ import annotations
 
 import math
+import re
 from typing import Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -30,9 +31,9 @@ def transport_from_url(url: str, *, pool_size: int = 10, timeout: float = 30.0) 
 
     ``maildir://./outbox`` is relative to the working directory, ``maildir:///var/mail/x``
     absolute. ``timeout`` (default ``timeout``, 30 s) bounds opening a connection and each
-    send. An unknown scheme or parameter, a parameter given twice or a value out of range
-    raises ValueError with a one-line message: a misspelt ``tls`` used to be ignored, and the
-    mail went out in clear.
+    attempt at a send. An unknown scheme or parameter, a parameter given twice or a value out
+    of range raises ValueError with a one-line message: a misspelt ``tls`` used to be ignored,
+    and the mail went out in clear.
     """
     parts = urlsplit(url)
     if parts.scheme == "maildir":
@@ -48,6 +49,8 @@ def transport_from_url(url: str, *, pool_size: int = 10, timeout: float = 30.0) 
         tls = options.get("tls", "tls" if parts.scheme == "smtps" else "none")
         if tls not in ("starttls", "tls", "none"):
             raise ValueError(f"mail url: tls must be starttls, tls or none, not {tls!r}")
+        if parts.scheme == "smtps" and tls != "tls":
+            raise ValueError(f"mail url: smtps:// is TLS from the start, not tls={tls}")
         if "timeout" in options:
             timeout = _seconds(options["timeout"])
         default_port = {"tls": 465, "starttls": 587, "none": 25}[tls]
@@ -64,6 +67,7 @@ def transport_from_url(url: str, *, pool_size: int = 10, timeout: float = 30.0) 
 
 
 def _options(query: str) -> dict[str, str]:
+    query = "&".join(piece for piece in query.split("&") if piece)  # "?tls=none&" as before
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
@@ -80,10 +84,9 @@ def _options(query: str) -> dict[str, str]:
 
 
 def _seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
+    # Digits and a decimal point only: float() also reads "5_0" (50), "1e-300" and "inf".
+    decimal = re.fullmatch(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", value)
+    seconds = float(value) if decimal else math.nan
     if not 0 < seconds <= MAX_TIMEOUT_SECONDS:  # NaN fails too
         raise ValueError(
             f"mail url: timeout must be seconds above 0 and at most {MAX_TIMEOUT_SECONDS:g},"
