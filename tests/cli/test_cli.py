@@ -213,18 +213,23 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _started(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    """A long-running command, its stdout read by the test."""
+    return subprocess.Popen(
+        [*OPENSEQUENCE, *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
 def test_serve_prints_one_working_key_once(env: dict[str, str], tmp_path: Path) -> None:
     port = _free_port()
     lines: list[str] = []
     for attempt in range(2):
-        with subprocess.Popen(
-            [*OPENSEQUENCE, "serve", "--port", str(port)],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        ) as process:
+        with _started(["serve", "--port", str(port)], env, tmp_path) as process:
             _check_serve(process, port, lines)
         assert process.returncode == 0  # SIGTERM: a graceful stop, exit 0 (it was 143)
         assert attempt == 0 or sum("API key: " in line for line in lines) == 1
@@ -263,14 +268,8 @@ def test_api_prints_its_listening_line_once_it_answers(
     served. Its line comes once a request is answered, with one process or several, on one
     interface or all (``--host ""``)."""
     port = _free_port()
-    with subprocess.Popen(
-        [*OPENSEQUENCE, "api", "--host", host, "--port", str(port), "--workers", str(workers)],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    ) as process:
+    command = ["api", "--host", host, "--port", str(port), "--workers", str(workers)]
+    with _started(command, env, tmp_path) as process:
         try:
             assert process.stdout is not None
             # Within a minute, rather than waiting for good on a line that never comes.

@@ -10,7 +10,7 @@ import contextlib
 import datetime
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -37,14 +37,14 @@ def outgoing(n: int, body: str | None = None, recipient: str | None = None) -> O
     return Outgoing("a@example.com", to, data)
 
 
-def plain(port: int, timeout: float = 5.0) -> SmtpTransport:
+def plain(port: int, timeout: float = 5.0, pool_size: int = 1) -> SmtpTransport:
     return SmtpTransport(
         host="127.0.0.1",
         port=port,
         username=None,
         password=None,
         tls="none",
-        pool_size=1,
+        pool_size=pool_size,
         timeout=timeout,
     )
 
@@ -546,36 +546,26 @@ async def test_an_idle_session_keeps_nothing_of_the_message_it_carried() -> None
     assert len(server.sink.raw) == 1
 
 
-async def test_closing_quits_every_idle_session_at_once() -> None:
-    """A server answers the QUITs only once all five have come: closed one after another (each
-    waiting up to the timeout for its answer) the transport dropped four connections unanswered,
-    and a worker stopping beside a silent server took the timeout times its pool to exit."""
-    sessions = 5
-    quits: list[asyncio.StreamWriter] = []
-    all_quit = asyncio.Event()
-    answered = hung_up_first = 0
+OnQuit = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def quitting(
+    on_quit: OnQuit, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[int]:
+    """A server that takes messages and hands each QUIT to ``on_quit`` (which answers it, or
+    not), then ends that connection; yields its port. Its connections are dropped on exit."""
+    writers: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal answered, hung_up_first
+        writers.append(writer)
         writer.write(b"220 hi\r\n")
-        try:
+        with contextlib.suppress(ConnectionError):
             while line := await reader.readline():
                 command = line.strip().upper()
                 if command == b"QUIT":
-                    quits.append(writer)
-                    if len(quits) == sessions:
-                        all_quit.set()
-                    hang_up = asyncio.ensure_future(reader.read())
-                    everyone = asyncio.ensure_future(all_quit.wait())
-                    await asyncio.wait([hang_up, everyone], return_when=asyncio.FIRST_COMPLETED)
-                    everyone.cancel()
-                    if hang_up.done():
-                        hung_up_first += 1
-                    else:
-                        hang_up.cancel()
-                        writer.write(b"221 bye\r\n")
-                        answered += 1
-                    return
+                    await on_quit(reader, writer)
+                    break
                 if command.startswith(b"EHLO"):
                     writer.write(b"250-x\r\n250 8BITMIME\r\n")
                 elif command == b"DATA":
@@ -584,29 +574,48 @@ async def test_closing_quits_every_idle_session_at_once() -> None:
                     writer.write(b"250 ok\r\n")
                 else:
                     writer.write(b"250 ok\r\n")
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+        writer.transport.abort()
 
-    listening = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = listening.sockets[0].getsockname()[1]
+    listening = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ssl_context)
     try:
-        smtp = SmtpTransport(
-            host="127.0.0.1",
-            port=port,
-            username=None,
-            password=None,
-            tls="none",
-            pool_size=sessions,
-            timeout=1.0,
-        )
+        yield listening.sockets[0].getsockname()[1]
+    finally:
+        for writer in writers:
+            writer.transport.abort()
+        listening.close()
+        await listening.wait_closed()
+
+
+async def test_closing_quits_every_idle_session_at_once() -> None:
+    """A server answers the QUITs only once all five have come: closed one after another (each
+    waiting up to the timeout for its answer) the transport dropped four connections unanswered,
+    and a worker stopping beside a silent server took the timeout times its pool to exit."""
+    sessions = 5
+    quits = 0
+    all_quit = asyncio.Event()
+    answered = hung_up_first = 0
+
+    async def on_quit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal quits, answered, hung_up_first
+        quits += 1
+        if quits == sessions:
+            all_quit.set()
+        hang_up = asyncio.ensure_future(reader.read())
+        everyone = asyncio.ensure_future(all_quit.wait())
+        await asyncio.wait([hang_up, everyone], return_when=asyncio.FIRST_COMPLETED)
+        everyone.cancel()
+        if hang_up.done():
+            hung_up_first += 1
+        else:
+            hang_up.cancel()
+            writer.write(b"221 bye\r\n")
+            answered += 1
+
+    async with quitting(on_quit) as port:
+        smtp = plain(port, timeout=1.0, pool_size=sessions)
         await asyncio.gather(*(smtp.send(outgoing(n)) for n in range(sessions)))
         assert len(smtp._idle) == sessions
         await smtp.aclose()
-    finally:
-        listening.close()
-        await listening.wait_closed()
     assert (answered, hung_up_first) == (sessions, 0)
 
 
@@ -747,30 +756,13 @@ async def test_closing_drops_a_tls_session_whose_server_never_closes(
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
     stuck = asyncio.Event()
-    writers: list[asyncio.StreamWriter] = []
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        writer.write(b"220 hi\r\n")
-        while line := await reader.readline():
-            command = line.strip().upper()
-            if command == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                writer.transport.pause_reading()  # TLS's close is never read, nor answered
-                await stuck.wait()
-                return
-            if command.startswith(b"EHLO"):
-                writer.write(b"250-x\r\n250 8BITMIME\r\n")
-            elif command == b"DATA":
-                writer.write(b"354 go\r\n")
-                await reader.readuntil(b"\r\n.\r\n")
-                writer.write(b"250 ok\r\n")
-            else:
-                writer.write(b"250 ok\r\n")
+    async def on_quit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"221 bye\r\n")
+        writer.transport.pause_reading()  # TLS's close is never read, nor answered
+        await stuck.wait()
 
-    listening = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context)
-    port = listening.sockets[0].getsockname()[1]
-    try:
+    async with quitting(on_quit, server_context) as port:
         smtp = SmtpTransport(
             host="127.0.0.1",
             port=port,
@@ -783,61 +775,36 @@ async def test_closing_drops_a_tls_session_whose_server_never_closes(
         )
         await smtp.send(outgoing(1))
         (session,) = smtp._idle
-        async with asyncio.timeout(20):  # a guard against hanging the suite, not a measure
-            await smtp.aclose()
+        try:
+            async with asyncio.timeout(20):  # a guard against hanging the suite, not a measure
+                await smtp.aclose()
+        finally:
+            stuck.set()
         assert not session.connected
-    finally:
-        stuck.set()
-        for writer in writers:
-            writer.transport.abort()
-        listening.close()
-        await listening.wait_closed()
 
 
 async def test_a_cancelled_close_drops_its_sessions() -> None:
     """Cancelled while the QUITs wait for their answers, closing left the connections open."""
     quits = asyncio.Event()
-    quitting = 0
+    quitting_now = 0
+    never = asyncio.Event()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal quitting
-        writer.write(b"220 hi\r\n")
-        while line := await reader.readline():
-            command = line.strip().upper()
-            if command == b"QUIT":  # never answered
-                quitting += 1
-                quits.set()
-            elif command.startswith(b"EHLO"):
-                writer.write(b"250-x\r\n250 8BITMIME\r\n")
-            elif command == b"DATA":
-                writer.write(b"354 go\r\n")
-                await reader.readuntil(b"\r\n.\r\n")
-                writer.write(b"250 ok\r\n")
-            else:
-                writer.write(b"250 ok\r\n")
-        writer.close()
+    async def on_quit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal quitting_now
+        quitting_now += 1  # never answered
+        quits.set()
+        await never.wait()
 
-    listening = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = listening.sockets[0].getsockname()[1]
-    try:
-        smtp = SmtpTransport(
-            host="127.0.0.1",
-            port=port,
-            username=None,
-            password=None,
-            tls="none",
-            pool_size=3,
-            timeout=30.0,
-        )
+    async with quitting(on_quit) as port:
+        smtp = plain(port, timeout=30.0, pool_size=3)
         await asyncio.gather(*(smtp.send(outgoing(n)) for n in range(3)))
         sessions = list(smtp._idle)
         closing = asyncio.create_task(smtp.aclose())
-        while quitting < 3:
+        while quitting_now < 3:
             quits.clear()
             await quits.wait()
         closing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await closing
+        never.set()
         assert len(sessions) == 3 and not any(session.connected for session in sessions)
-    finally:
-        listening.close()
