@@ -6,7 +6,6 @@ A transport either delivers, or raises :class:`~opensequence.mail.errors.Transie
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -86,8 +85,8 @@ def _options(query: str) -> dict[str, str]:
 def _seconds(value: str) -> float:
     # Digits and a decimal point only: float() also reads "5_0" (50), "1e-300" and "inf".
     decimal = re.fullmatch(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", value)
-    seconds = float(value) if decimal else math.nan
-    if not 0 < seconds <= MAX_TIMEOUT_SECONDS:  # NaN fails too
+    seconds = float(value) if decimal else 0.0
+    if not 0 < seconds <= MAX_TIMEOUT_SECONDS:
         raise ValueError(
             f"mail url: timeout must be seconds above 0 and at most {MAX_TIMEOUT_SECONDS:g},"
             f" not {value!r}"
