@@ -4,8 +4,9 @@ The Message-ID comes from the send record (``messages.message_id``), never from 
 after a crash must carry the same one so that receivers and people can recognise it.
 
 The bytes are assembled directly from the stdlib ``email`` package's pieces (header folding,
-RFC 2047 encoded words, quoted-printable, date format) rather than by building a ``Message``
-tree and running the generator over it: the tree and the generator cost about half a
+RFC 2047 encoded words, date format; quoted-printable is written here as its ``body_encode``
+writes it, see :func:`quoted_printable`) rather than by building a ``Message`` tree and running
+the generator over it: the tree and the generator cost about half a
 millisecond per message, the largest CPU cost of a send. The output is byte for byte what
 ``MIMEMultipart``/``MIMEText`` and ``BytesGenerator`` produce for the same message (a property
 test holds the two against each other), so the stdlib stays the reference for the format.
