@@ -42,11 +42,18 @@ class Run:
 
 
 async def timed(
-    sink: int, lanes: int, lane: Callable[[int], Awaitable[None]], messages: int
+    sink: int,
+    lanes: int,
+    lane: Callable[[int], Awaitable[None]],
+    messages: int,
+    then: Callable[[], Awaitable[None]] | None = None,
 ) -> Run:
-    """What ``lanes`` concurrent ``lane(i)`` achieved; ``sink`` is the sink's process id."""
+    """What ``lanes`` concurrent ``lane(i)`` achieved, ``then`` included (the transport's
+    QUITs, as each raw lane sends its own); ``sink`` is the sink's process id."""
     cpu, sink_cpu, wall = time.process_time(), cpu_seconds(sink), time.perf_counter()
     await asyncio.gather(*(lane(i) for i in range(lanes)))
+    if then is not None:
+        await then()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return Run(messages / wall, cpu / messages, (cpu_seconds(sink) - sink_cpu) / messages)
 
@@ -73,10 +80,7 @@ async def transport(port: int, sink: int, built: list[tuple[str, bytes]], concur
         for i in range(first, len(outgoing), concurrency):
             await smtp.send(outgoing[i])
 
-    try:
-        return await timed(sink, concurrency, lane, len(built))
-    finally:
-        await smtp.aclose()
+    return await timed(sink, concurrency, lane, len(built), then=smtp.aclose)
 
 
 async def main(messages: int, concurrency: int, repeat: int) -> None:
