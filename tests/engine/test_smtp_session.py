@@ -37,15 +37,24 @@ def outgoing(n: int, body: str | None = None, recipient: str | None = None) -> O
     return Outgoing("a@example.com", to, data)
 
 
-def plain(port: int, timeout: float = 5.0, pool_size: int = 1) -> SmtpTransport:
+def loopback(
+    port: int,
+    timeout: float = 5.0,
+    pool_size: int = 1,
+    *,
+    tls: str = "none",
+    tls_context: ssl.SSLContext | None = None,
+) -> SmtpTransport:
+    """A transport to a test server on 127.0.0.1 (in clear unless ``tls`` says otherwise)."""
     return SmtpTransport(
         host="127.0.0.1",
         port=port,
         username=None,
         password=None,
-        tls="none",
+        tls=tls,
         pool_size=pool_size,
         timeout=timeout,
+        tls_context=tls_context,
     )
 
 
@@ -139,7 +148,7 @@ async def send_two(
     connections and the messages it took."""
     async with scripted(answer) as (server, port):
         server.go_aheads.extend(go_aheads)
-        smtp = plain(port)
+        smtp = loopback(port)
         if first_fails is None:
             await smtp.send(outgoing(1))
         else:
@@ -254,7 +263,7 @@ async def test_two_replies_to_a_command_before_the_message_send_nothing_and_end_
 
 async def test_a_421_to_an_idle_session_makes_the_next_message_open_a_new_one() -> None:
     async with scripted(ok) as (server, port):
-        smtp = plain(port)
+        smtp = loopback(port)
         await smtp.send(outgoing(1))
         server.writers[0].write(b"421 shutting down\r\n")  # and the server keeps it open
         await asyncio.sleep(0.1)
@@ -372,7 +381,7 @@ async def test_a_server_that_stops_reading_mid_message_fails_the_send_within_its
     listening = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = listening.sockets[0].getsockname()[1]
     big = outgoing(1, body=("z" * 1022 + "\r\n") * 32 * 1024)  # 32 MB
-    smtp = plain(port, timeout=1.0)
+    smtp = loopback(port, timeout=1.0)
     try:
         async with asyncio.timeout(10):
             with pytest.raises(TransientSendError):
@@ -392,7 +401,7 @@ async def test_a_send_cancelled_mid_message_closes_its_session() -> None:
         return [] if command.startswith(b"RCPT") else ok(command)  # no reply to RCPT
 
     async with scripted(answer) as (server, port):
-        smtp = plain(port)
+        smtp = loopback(port)
         task = asyncio.create_task(smtp.send(outgoing(1)))
         while b"RCPT TO:<P1@EXAMPLE.ORG>" not in server.commands:
             server.arrived.clear()
@@ -416,7 +425,7 @@ async def test_lines_that_start_with_a_dot_arrive_as_written() -> None:
     the server takes one away."""
     body = ".\r\n..two\r\n.three\r\nlast line without its end"
     with SinkServer(Sink()) as server:
-        smtp = plain(server.port)
+        smtp = loopback(server.port)
         await smtp.send(outgoing(1, body=body))
         await smtp.aclose()
     (raw,) = server.sink.raw
@@ -428,7 +437,7 @@ async def test_an_address_the_intake_pattern_does_not_admit_goes_through_sendmai
     the session carries on after it with the messages it sends itself, on one connection."""
     sink = PeerSink()
     with SinkServer(sink) as server:
-        smtp = plain(server.port)
+        smtp = loopback(server.port)
         await smtp.send(outgoing(1))
         await smtp.send(outgoing(2, recipient="p2@localhost"))
         await smtp.send(outgoing(3))
@@ -502,15 +511,7 @@ async def _send_over_tls(tls: str, directory: Path) -> list[str]:
     controller = Controller(sink, hostname="127.0.0.1", port=port, **options)
     controller.start()
     try:
-        smtp = SmtpTransport(
-            host="127.0.0.1",
-            port=port,
-            username=None,
-            password=None,
-            tls=tls,
-            pool_size=1,
-            tls_context=client_context,
-        )
+        smtp = loopback(port, 30.0, tls=tls, tls_context=client_context)
         for n in range(3):
             await smtp.send(outgoing(n))
         await smtp.aclose()
@@ -538,7 +539,7 @@ async def test_an_idle_session_keeps_nothing_of_the_message_it_carried() -> None
     """A pool of idle sessions must not hold their last messages (a body may run to megabytes,
     twenty sessions to twenty of them) until their next send."""
     with SinkServer(Sink()) as server:
-        smtp = plain(server.port)
+        smtp = loopback(server.port)
         await smtp.send(outgoing(1, body=("x" * 78 + "\r\n") * 12_000))  # ~1 MB
         idle = list(smtp._idle)
         assert len(idle) == 1 and idle[0]._lines == ()
@@ -612,7 +613,7 @@ async def test_closing_quits_every_idle_session_at_once() -> None:
             answered += 1
 
     async with quitting(on_quit) as port:
-        smtp = plain(port, timeout=1.0, pool_size=sessions)
+        smtp = loopback(port, timeout=1.0, pool_size=sessions)
         await asyncio.gather(*(smtp.send(outgoing(n)) for n in range(sessions)))
         assert len(smtp._idle) == sessions
         await smtp.aclose()
@@ -648,7 +649,7 @@ async def test_a_session_that_ends_after_the_content_is_not_tried_again() -> Non
         return next(replies, [b"250 queued\r\n"]) if command == b"<message>" else ok(command)
 
     async with scripted(answer) as (server, port):
-        smtp = plain(port)
+        smtp = loopback(port)
         await smtp.send(outgoing(1))
         with pytest.raises(TransientSendError):
             await smtp.send(outgoing(2))
@@ -698,7 +699,7 @@ async def test_a_reused_sessions_refusal_or_garbled_reply_is_the_messages(
         return next(mails, [b"250 OK\r\n"]) if command.startswith(b"MAIL") else ok(command)
 
     async with scripted(answer) as (server, port):
-        smtp = plain(port)
+        smtp = loopback(port)
         await smtp.send(outgoing(1))
         with pytest.raises(kind, match=reason):
             await smtp.send(outgoing(2))
@@ -716,7 +717,7 @@ async def test_a_reused_session_gone_silent_is_replaced_after_the_deadline() -> 
         return next(mails, [b"250 OK\r\n"]) if command.startswith(b"MAIL") else ok(command)
 
     async with scripted(answer) as (server, port):
-        smtp = plain(port, timeout=0.5)
+        smtp = loopback(port, timeout=0.5)
         await smtp.send(outgoing(1))
         await smtp.send(outgoing(2))
         await smtp.aclose()
@@ -734,7 +735,7 @@ async def test_a_message_through_sendmail_is_never_tried_again_on_a_new_session(
         return next(mails, [b"250 OK\r\n"]) if command.startswith(b"MAIL") else ok(command)
 
     async with scripted(answer) as (server, port):
-        smtp = plain(port)
+        smtp = loopback(port)
         with pytest.raises(PermanentSendError):
             await smtp.send(outgoing(1))
         with pytest.raises(TransientSendError):
@@ -763,16 +764,8 @@ async def test_closing_drops_a_tls_session_whose_server_never_closes(
         await stuck.wait()
 
     async with quitting(on_quit, server_context) as port:
-        smtp = SmtpTransport(
-            host="127.0.0.1",
-            port=port,
-            username=None,
-            password=None,
-            tls="tls",
-            pool_size=1,
-            timeout=30.0,
-            tls_context=ssl.create_default_context(cafile=str(cert)),
-        )
+        client_context = ssl.create_default_context(cafile=str(cert))
+        smtp = loopback(port, 30.0, tls="tls", tls_context=client_context)
         await smtp.send(outgoing(1))
         (session,) = smtp._idle
         try:
@@ -796,7 +789,7 @@ async def test_a_cancelled_close_drops_its_sessions() -> None:
         await never.wait()
 
     async with quitting(on_quit) as port:
-        smtp = plain(port, timeout=30.0, pool_size=3)
+        smtp = loopback(port, timeout=30.0, pool_size=3)
         await asyncio.gather(*(smtp.send(outgoing(n)) for n in range(3)))
         sessions = list(smtp._idle)
         closing = asyncio.create_task(smtp.aclose())
