@@ -219,7 +219,10 @@ def api(
     sock = bind_port(host, port, port_flag="--port", host_flag="--host")
     migrate(settings.database_url)
     _exit_0_after_sigterm()
-    announce = f"OpenSequence API listening on http://{_url_host(host)}:{port} (docs at /docs)"
+    processes = "" if workers == 1 else f", {workers} processes"
+    announce = (
+        f"OpenSequence API listening on http://{_url_host(host)}:{port} (docs at /docs{processes})"
+    )
     if workers == 1:
         config = uvicorn.Config(
             "opensequence.api.factory:app", factory=True, host=host, port=port, log_config=None
@@ -229,7 +232,7 @@ def api(
     answered = threading.Event()
     threading.Thread(
         target=_announce_once_answering,
-        args=(host, port, f"{announce[:-1]}, {workers} processes)", answered),
+        args=(host, port, announce, answered),
         daemon=True,
     ).start()
     try:
