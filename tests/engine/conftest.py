@@ -19,8 +19,10 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def sink() -> Iterator[SinkServer]:
-    with SinkServer(Sink()) as server:
+def sink(request: pytest.FixtureRequest) -> Iterator[SinkServer]:
+    """aiosmtpd on loopback; its EHLO announces PIPELINING when the test's indirect parameter
+    says so."""
+    with SinkServer(Sink(), pipelining=getattr(request, "param", False)) as server:
         yield server
 
 

@@ -134,6 +134,9 @@ async def drain_changing_before_the_sends(
         await transport.aclose()
 
 
+@pytest.mark.parametrize(
+    "sink", [False, True], ids=["one command at a time", "pipelined"], indirect=True
+)
 async def test_three_steps_delivered_in_order_rendered_with_headers(
     db: Database, worker: Worker, sink: SinkServer, clock: ManualClock, smtp_settings: Settings
 ) -> None:

@@ -63,37 +63,60 @@ def loopback(
 
 
 Answer = Callable[[bytes], list[bytes]]
-# An answer that closes the connection instead of replying.
+# Last in an answer: the connection is closed (after the pieces before it, if any).
 HANG_UP = b"<hang up>"
 
 
 class Scripted:
+    # Whether EHLO announces PIPELINING (see the ``pipelining`` fixture).
+    pipelining = False
+
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
         self.connections = 0
         self.ended = 0  # connections whose client hung up or that the script ended
         self.messages: list[bytes] = []
+        self.unfinished: list[bytes] = []  # what came of a message cut off by a hang-up
         self.commands: list[bytes] = []
         self.arrived = asyncio.Event()  # set at each command
-        # Replies to the next DATA commands (then "354 go ahead").
-        self.go_aheads: list[bytes] = []
+        # Replies to the next DATA commands (then "354 go ahead"), each written at once or in
+        # the pieces listed.
+        self.go_aheads: list[bytes | list[bytes]] = []
         self.writers: list[asyncio.StreamWriter] = []
+        # Connections (numbered from 1) that answer nothing more, as one dropped by a NAT.
+        self.muted: set[int] = set()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        number = self.connections
         self.writers.append(writer)
         writer.write(b"220 scripted ESMTP\r\n")
+        refused = False  # MAIL or RCPT of the transaction under way was refused
         try:
             while line := await reader.readline():
                 command = line.rstrip(b"\r\n").upper()
                 self.commands.append(command)
                 self.arrived.set()
+                if number in self.muted:
+                    continue
                 if command.startswith(b"EHLO"):
-                    pieces = [b"250-scripted\r\n250 8BITMIME\r\n"]
+                    extensions = b"250-PIPELINING\r\n" if self.pipelining else b""
+                    pieces = [b"250-scripted\r\n" + extensions + b"250 8BITMIME\r\n"]
                 elif command == b"DATA":
-                    go_ahead = self.go_aheads.pop(0) if self.go_aheads else b"354 go ahead\r\n"
-                    writer.write(go_ahead)
-                    if not go_ahead.startswith(b"354"):
+                    if self.go_aheads:
+                        go_ahead = self.go_aheads.pop(0)
+                    elif refused:  # as servers answer a pipelined DATA after a refusal
+                        go_ahead = b"503 5.5.1 no valid recipients\r\n"
+                    else:
+                        go_ahead = b"354 go ahead\r\n"
+                    refused = False
+                    for piece in go_ahead if isinstance(go_ahead, list) else [go_ahead]:
+                        writer.write(piece)
+                        await writer.drain()
+                        if isinstance(go_ahead, list):
+                            await asyncio.sleep(0.001)
+                    last = b"".join(go_ahead) if isinstance(go_ahead, list) else go_ahead
+                    if not last.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1].startswith(b"354"):
                         continue  # refused: no message follows
                     message = await reader.readuntil(b"\r\n.\r\n")
                     self.messages.append(message)
@@ -103,13 +126,20 @@ class Scripted:
                     break
                 else:
                     pieces = self.answer(command)
-                if pieces == [HANG_UP]:
-                    break
-                for piece in pieces:
+                    if command.startswith(b"MAIL"):
+                        refused = False
+                    if command.startswith((b"MAIL", b"RCPT")):
+                        refused = refused or b"".join(pieces)[:1] in (b"4", b"5")
+                hang_up = pieces[-1:] == [HANG_UP]
+                for piece in pieces[:-1] if hang_up else pieces:
                     writer.write(piece)
                     await writer.drain()
                     await asyncio.sleep(0.005)
-        except (ConnectionError, asyncio.IncompleteReadError):
+                if hang_up:
+                    break
+        except asyncio.IncompleteReadError as cut:
+            self.unfinished.append(cut.partial)
+        except ConnectionError:
             pass
         finally:
             self.ended += 1
@@ -131,6 +161,14 @@ async def scripted(answer: Answer) -> AsyncIterator[tuple[Scripted, int]]:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
         await listening.wait_closed()
+
+
+@pytest.fixture(params=[False, True], ids=["one command at a time", "pipelined"])
+def pipelining(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Scripted servers announce PIPELINING, or not: the transport sends MAIL, RCPT and DATA in
+    one write to those that do, one after the other to the others."""
+    monkeypatch.setattr(Scripted, "pipelining", request.param)
+    return bool(request.param)
 
 
 def ok(command: bytes) -> list[bytes]:
@@ -160,6 +198,7 @@ async def send_two(
     return server
 
 
+@pytest.mark.usefixtures("pipelining")
 async def test_replies_in_pieces_and_on_several_lines_are_read_whole() -> None:
     """A reply may arrive a few bytes at a time, and a line may continue (``250-``)."""
 
@@ -174,6 +213,7 @@ async def test_replies_in_pieces_and_on_several_lines_are_read_whole() -> None:
     assert server.connections == 1 and len(server.messages) == 2
 
 
+@pytest.mark.usefixtures("pipelining")
 async def test_a_refusal_on_several_lines_bounces_with_all_of_them_and_keeps_the_session() -> None:
     def answer(command: bytes) -> list[bytes]:
         if command == b"RCPT TO:<P1@EXAMPLE.ORG>":
@@ -187,6 +227,7 @@ async def test_a_refusal_on_several_lines_bounces_with_all_of_them_and_keeps_the
     assert server.connections == 1 and len(server.messages) == 1
 
 
+@pytest.mark.usefixtures("pipelining")
 async def test_two_replies_to_one_command_answer_it_and_end_the_session() -> None:
     """The second reply would be taken for the next command's: the first answers this one
     (the message was accepted), and the next message goes over a new session."""
@@ -212,8 +253,10 @@ async def test_two_replies_to_one_command_answer_it_and_end_the_session() -> Non
     ids=["MAIL", "RCPT", "DATA", "message"],
 )
 async def test_a_refusal_at_any_stage_is_the_messages_outcome_and_the_session_carries_the_next(
-    stage: bytes, reply: bytes, kind: type[Exception], reason: str
+    stage: bytes, reply: bytes, kind: type[Exception], reason: str, pipelining: bool
 ) -> None:
+    """Pipelined, a refusal of MAIL or RCPT comes with the server's 503 to the DATA written
+    with them: the first refusal is the outcome."""
     refusals = iter([[reply]])
 
     def answer(command: bytes) -> list[bytes]:
@@ -229,22 +272,24 @@ async def test_a_refusal_at_any_stage_is_the_messages_outcome_and_the_session_ca
     assert server.commands.count(b"RSET") == 1 and server.connections == 1
     # The server read the refused message (refused once it had it all), then the next one.
     assert len(server.messages) == (2 if stage == b"<message>" else 1)
-    # Nothing of the refused transaction was written after its refusal.
+    # Nothing of the refused transaction was written after its refusal (pipelined, MAIL,
+    # RCPT and DATA went out together).
     refused = server.commands[: server.commands.index(b"RSET")]
     sent = [command.split(b":")[0] for command in refused if not command.startswith(b"EHLO")]
     assert sent == {
         b"MAIL": [b"MAIL FROM"],
         b"RCPT": [b"MAIL FROM", b"RCPT TO"],
-    }.get(stage, [b"MAIL FROM", b"RCPT TO", b"DATA"])
+    }.get(stage if not pipelining else b"", [b"MAIL FROM", b"RCPT TO", b"DATA"])
 
 
 @pytest.mark.parametrize("stage", [b"MAIL", b"RCPT", b"DATA"])
 async def test_two_replies_to_a_command_before_the_message_send_nothing_and_end_the_session(
-    stage: bytes,
+    stage: bytes, pipelining: bool
 ) -> None:
     """MAIL, RCPT and DATA follow one another as their replies come in: a second reply would be
     taken for the next command's, so the message is not sent (a transient failure, retried) and
-    the next one goes over a new session."""
+    the next one goes over a new session. Pipelined, the second reply to MAIL or RCPT is taken
+    for the next command's, and DATA's turns out to be a 250: out of step all the same."""
     answers = iter([[b"250 OK\r\n250 and again\r\n"]])
 
     def answer(command: bytes) -> list[bytes]:
@@ -252,7 +297,8 @@ async def test_two_replies_to_a_command_before_the_message_send_nothing_and_end_
             return next(answers, [b"250 OK\r\n"])
         return [b"250 OK\r\n"]
 
-    fails = (TransientSendError, "More than one reply")
+    extra = "Reply out of step: 250 " if pipelining and stage != b"DATA" else "More than one reply"
+    fails = (TransientSendError, extra)
     # The server answers DATA itself (its go-aheads), never through ``answer``.
     if stage == b"DATA":
         server = await send_two(ok, fails, go_aheads=(b"354 go ahead\r\n354 again\r\n",))
@@ -261,6 +307,73 @@ async def test_two_replies_to_a_command_before_the_message_send_nothing_and_end_
     assert server.connections == 2 and len(server.messages) == 1
 
 
+_GROUP_REPLIES = b"250 sender OK\r\n250-recipient\r\n250 OK\r\n354 go ahead\r\n"
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [[_GROUP_REPLIES], [bytes([byte]) for byte in _GROUP_REPLIES]],
+    ids=["in one piece", "a byte at a time"],
+)
+async def test_replies_to_a_pipelined_group_are_read_however_they_arrive(
+    replies: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server may answer MAIL, RCPT and DATA together, or a byte at a time."""
+    monkeypatch.setattr(Scripted, "pipelining", True)
+
+    def answer(command: bytes) -> list[bytes]:
+        return [] if command.startswith((b"MAIL", b"RCPT")) else ok(command)
+
+    async with scripted(answer) as (server, port):
+        server.go_aheads.append(replies)  # all three replies, once DATA has arrived
+        smtp = loopback(port)
+        await smtp.send(outgoing(1))
+        await smtp.aclose()
+    assert server.connections == 1 and len(server.messages) == 1
+
+
+async def test_a_server_that_takes_data_after_refusing_the_recipient_gets_none_of_the_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pipelined, DATA went out with the refused RCPT; a server that answers it 354 all the same
+    waits for a message. None is written: the session is dropped, and the refusal (not the
+    354) is the outcome."""
+    monkeypatch.setattr(Scripted, "pipelining", True)
+    refusals = iter([[b"550 5.1.1 unknown\r\n"]])
+
+    def answer(command: bytes) -> list[bytes]:
+        return next(refusals, ok(command)) if command.startswith(b"RCPT") else ok(command)
+
+    server = await send_two(
+        answer,
+        first_fails=(PermanentSendError, r"^bounced: 550 5\.1\.1 unknown$"),
+        go_aheads=(b"354 go ahead\r\n",),
+    )
+    assert server.connections == 2 and len(server.messages) == 1
+    assert server.unfinished == [b""]  # not a byte after the 354
+
+
+@pytest.mark.parametrize("stage", [b"MAIL", b"RCPT"])
+async def test_a_refusal_is_the_outcome_when_the_server_hangs_up_before_the_rest_of_its_group(
+    stage: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pipelined, a refusal of MAIL or RCPT is followed by the replies to the rest of the group;
+    a server that hangs up instead still refused the message: a 451 stays a retry, and is not
+    taken for a session that ended (nor sent again on a new one)."""
+    monkeypatch.setattr(Scripted, "pipelining", True)
+    first = iter([True])
+
+    def answer(command: bytes) -> list[bytes]:
+        if command.startswith(stage) and next(first, False):
+            return [b"451 4.3.0 try later\r\n", HANG_UP]
+        return ok(command)
+
+    server = await send_two(answer, first_fails=(TransientSendError, r"^451 4\.3\.0 try later$"))
+    assert sum(command.startswith(b"MAIL") for command in server.commands) == 2
+    assert server.connections == 2 and len(server.messages) == 1
+
+
+@pytest.mark.usefixtures("pipelining")
 async def test_a_421_to_an_idle_session_makes_the_next_message_open_a_new_one() -> None:
     async with scripted(ok) as (server, port):
         smtp = loopback(port)
@@ -277,6 +390,7 @@ async def test_a_421_to_an_idle_session_makes_the_next_message_open_a_new_one() 
     [b"OK then\r\n", b"250" + b"x" * 9000 + b"\r\n"],
     ids=["malformed", "too long"],
 )
+@pytest.mark.usefixtures("pipelining")
 async def test_a_reply_that_is_not_smtp_fails_the_send_as_transient_and_drops_the_session(
     reply: bytes,
 ) -> None:
@@ -289,6 +403,7 @@ async def test_a_reply_that_is_not_smtp_fails_the_send_as_transient_and_drops_th
     assert server.connections == 2 and len(server.messages) == 1
 
 
+@pytest.mark.usefixtures("pipelining")
 async def test_a_server_that_hangs_up_mid_message_fails_the_send_as_transient() -> None:
     hang_up = iter([True])
 
@@ -316,6 +431,7 @@ async def test_a_server_that_hangs_up_mid_message_fails_the_send_as_transient() 
     ],
     ids=["4xx, RSET refused", "5xx, RSET refused", "4xx, then hang-up", "5xx, then hang-up"],
 )
+@pytest.mark.usefixtures("pipelining")
 async def test_a_refusal_is_the_outcome_whatever_becomes_of_the_rset_after_it(
     refusal: bytes, rset: bytes | None, outcome: type[Exception], reason: str
 ) -> None:
@@ -393,12 +509,16 @@ async def test_a_server_that_stops_reading_mid_message_fails_the_send_within_its
         listening.close()
 
 
+@pytest.mark.usefixtures("pipelining")
 async def test_a_send_cancelled_mid_message_closes_its_session() -> None:
     """A cancelled send leaves its session somewhere in a transaction: it is closed, neither
     pooled nor left open."""
 
     def answer(command: bytes) -> list[bytes]:
-        return [] if command.startswith(b"RCPT") else ok(command)  # no reply to RCPT
+        if command.startswith(b"RCPT"):
+            server.muted.add(1)  # no reply to RCPT, nor to anything after it
+            return []
+        return ok(command)
 
     async with scripted(answer) as (server, port):
         smtp = loopback(port)
@@ -542,7 +662,7 @@ async def test_an_idle_session_keeps_nothing_of_the_message_it_carried() -> None
         smtp = loopback(server.port)
         await smtp.send(outgoing(1, body=("x" * 78 + "\r\n") * 12_000))  # ~1 MB
         idle = list(smtp._idle)
-        assert len(idle) == 1 and idle[0]._lines == ()
+        assert len(idle) == 1 and idle[0]._writes == ()
         await smtp.aclose()
     assert len(server.sink.raw) == 1
 
@@ -625,6 +745,7 @@ async def test_closing_quits_every_idle_session_at_once() -> None:
     [[b"421 4.7.0 too many messages on this connection\r\n"], [HANG_UP]],
     ids=["421", "hang-up"],
 )
+@pytest.mark.usefixtures("pipelining")
 async def test_a_reused_session_that_ended_before_the_content_is_replaced_at_once(
     ending: list[bytes],
 ) -> None:
@@ -640,6 +761,7 @@ async def test_a_reused_session_that_ended_before_the_content_is_replaced_at_onc
     assert server.connections == 2 and len(server.messages) == 2
 
 
+@pytest.mark.usefixtures("pipelining")
 async def test_a_session_that_ends_after_the_content_is_not_tried_again() -> None:
     """Once the content is written the server may have taken it: a hang-up before the reply is
     the message's transient failure (a later resend keeps its Message-ID), never a resend now."""
@@ -657,6 +779,7 @@ async def test_a_session_that_ends_after_the_content_is_not_tried_again() -> Non
     assert server.connections == 1 and len(server.messages) == 2
 
 
+@pytest.mark.usefixtures("pipelining")
 async def test_a_new_session_that_ends_before_the_content_is_not_tried_again() -> None:
     """Only a reused session is replaced: a new one refused at once says the server will not
     take mail now (the send is retried later, not in a loop)."""
@@ -670,6 +793,7 @@ async def test_a_new_session_that_ends_before_the_content_is_not_tried_again() -
     assert server.connections == 2 and len(server.messages) == 1
 
 
+@pytest.mark.usefixtures("pipelining")
 async def test_a_session_idle_too_long_is_closed_rather_than_reused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -688,6 +812,7 @@ async def test_a_session_idle_too_long_is_closed_rather_than_reused(
     ],
     ids=["450", "550", "garbled"],
 )
+@pytest.mark.usefixtures("pipelining")
 async def test_a_reused_sessions_refusal_or_garbled_reply_is_the_messages(
     reply: list[bytes], kind: type[Exception], reason: str
 ) -> None:
@@ -708,13 +833,16 @@ async def test_a_reused_sessions_refusal_or_garbled_reply_is_the_messages(
     assert len(server.messages) == 1
 
 
+@pytest.mark.usefixtures("pipelining")
 async def test_a_reused_session_gone_silent_is_replaced_after_the_deadline() -> None:
     """A connection dropped without a word (a NAT's idle timeout) answers nothing: the message
     goes over a new session once the send's deadline has passed."""
-    mails = iter([[b"250 OK\r\n"], []])  # the second MAIL is never answered
 
     def answer(command: bytes) -> list[bytes]:
-        return next(mails, [b"250 OK\r\n"]) if command.startswith(b"MAIL") else ok(command)
+        if command.startswith(b"MAIL") and server.messages and server.connections == 1:
+            server.muted.add(1)  # from the second MAIL on, the first connection is silent
+            return []
+        return ok(command)
 
     async with scripted(answer) as (server, port):
         smtp = loopback(port, timeout=0.5)
@@ -724,6 +852,7 @@ async def test_a_reused_session_gone_silent_is_replaced_after_the_deadline() -> 
     assert server.connections == 2 and len(server.messages) == 2
 
 
+@pytest.mark.usefixtures("pipelining")
 async def test_a_message_through_sendmail_is_never_tried_again_on_a_new_session() -> None:
     """aiosmtplib's ``sendmail`` (addresses the intake pattern does not admit) is not followed
     stage by stage: whatever ends its session, its message may have been taken."""

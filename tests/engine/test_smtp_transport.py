@@ -99,9 +99,12 @@ class RefusingSink(Sink):
         return await super().handle_DATA(server, session, envelope)
 
 
-async def test_a_refused_message_leaves_its_connection_usable_for_the_next():
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one command at a time", "pipelined"])
+async def test_a_refused_message_leaves_its_connection_usable_for_the_next(pipelining: bool):
+    """Pipelined, the refused RCPT's DATA went out with it and aiosmtpd answered it 503: the
+    refusal is still the outcome, and RSET keeps the connection."""
     sink = RefusingSink(refused={"p2@example.org"}, refuse_data=True)
-    with SinkServer(sink) as server:
+    with SinkServer(sink, pipelining=pipelining) as server:
         smtp = transport(server, timeout=5.0)
         with pytest.raises(PermanentSendError, match=r"^bounced: 554 5\.7\.1"):
             await smtp.send(outgoing(1))  # refused after DATA
