@@ -188,6 +188,18 @@ class CountingSink:
         return "250 OK"
 
 
+class PipeliningCountingSink(CountingSink):
+    """:class:`CountingSink` whose EHLO reply announces PIPELINING (RFC 2920), as Postfix's and
+    Exim's do. aiosmtpd reads commands in order however many arrive in one read; it only does
+    not say so."""
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+
 def start_sink(handler: Any, port: int | None = None) -> tuple[Controller, int]:
     port = port or free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)

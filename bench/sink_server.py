@@ -1,5 +1,6 @@
 """A counting aiosmtpd sink in its own process, so that the benchmarks' sender and receiver do
-not share a GIL: ``python bench/sink_server.py PORT`` prints ``ready`` once listening."""
+not share a GIL: ``python bench/sink_server.py PORT [--pipelining]`` prints ``ready`` once
+listening; with ``--pipelining`` its EHLO reply announces PIPELINING."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import signal
 import sys
 import threading
 
-from _common import CountingSink, start_sink
+from _common import CountingSink, PipeliningCountingSink, start_sink
 
 
 def main() -> None:
     port = int(sys.argv[1])
-    controller, _ = start_sink(CountingSink(), port)
+    pipelining = sys.argv[2:] == ["--pipelining"]
+    controller, _ = start_sink(PipeliningCountingSink() if pipelining else CountingSink(), port)
     print("ready", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
