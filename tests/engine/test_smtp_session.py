@@ -797,10 +797,13 @@ async def test_a_new_session_that_ends_before_the_content_is_not_tried_again() -
 async def test_a_session_idle_too_long_is_closed_rather_than_reused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The old session is ended with QUIT (the server would see a lost connection otherwise),
+    in the background: the next message does not wait for its answer."""
     monkeypatch.setattr(smtp_module, "IDLE_SESSION_SECONDS", -1.0)  # any idle time is too long
     server = await send_two(ok)
     assert server.connections == 2 and server.ended == 2 and len(server.messages) == 2
     assert b"RSET" not in server.commands
+    assert server.commands.count(b"QUIT") == 2  # the retired session's, then the last one's
 
 
 @pytest.mark.parametrize(

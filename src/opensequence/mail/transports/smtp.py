@@ -105,6 +105,8 @@ class SmtpTransport:
         self.timeout = timeout
         self.tls_context = tls_context
         self._idle: list[_Session] = []
+        # QUITs of sessions idle too long to be reused (see _reusable), until answered.
+        self._retiring: set[asyncio.Future[None]] = set()
         self._slots = asyncio.Semaphore(pool_size)
         self._deadlines: dict[_Session, float] = {}
         self._expired: set[_Session] = set()
@@ -161,14 +163,20 @@ class SmtpTransport:
 
     def _reusable(self) -> _Session | None:
         """The most recently used idle session that is still open and has been idle for at most
-        :data:`IDLE_SESSION_SECONDS`; older ones are dropped on the way (a connection a NAT or
-        the server dropped without a word would hold the send to its deadline)."""
+        :data:`IDLE_SESSION_SECONDS`; older ones are retired on the way (a connection a NAT or
+        the server dropped without a word would hold the send to its deadline): QUIT in the
+        background, so that the server sees a session ended rather than a lost connection."""
         now = asyncio.get_running_loop().time()
         while self._idle:
             session = self._idle.pop()
-            if session.connected and now - session.idle_since <= IDLE_SESSION_SECONDS:
+            if not session.connected:
+                session.close()
+            elif now - session.idle_since <= IDLE_SESSION_SECONDS:
                 return session
-            session.close()
+            else:
+                retiring = asyncio.ensure_future(self._quit(session))
+                self._retiring.add(retiring)
+                retiring.add_done_callback(self._retiring.discard)
         return None
 
     async def _send_on(self, session: _Session, outgoing: Outgoing, *, reused: bool) -> None:
@@ -267,7 +275,7 @@ class SmtpTransport:
                 await self._watchdog
             self._watchdog = None
         idle, self._idle = self._idle, []
-        await asyncio.gather(*(self._quit(session) for session in idle))
+        await asyncio.gather(*(self._quit(session) for session in idle), *self._retiring)
 
     async def _quit(self, session: _Session) -> None:
         """QUIT, and the connection closed, within the bound; else (a server that answers but
