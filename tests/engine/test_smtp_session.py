@@ -91,7 +91,8 @@ class Scripted:
         number = self.connections
         self.writers.append(writer)
         writer.write(b"220 scripted ESMTP\r\n")
-        refused = False  # MAIL or RCPT of the transaction under way was refused
+        # Whether MAIL, or MAIL or RCPT, of the transaction under way was refused.
+        mail_refused = refused = False
         try:
             while line := await reader.readline():
                 command = line.rstrip(b"\r\n").upper()
@@ -109,7 +110,7 @@ class Scripted:
                         go_ahead = b"503 5.5.1 no valid recipients\r\n"
                     else:
                         go_ahead = b"354 go ahead\r\n"
-                    refused = False
+                    refused = mail_refused = False
                     for piece in go_ahead if isinstance(go_ahead, list) else [go_ahead]:
                         writer.write(piece)
                         await writer.drain()
@@ -124,12 +125,17 @@ class Scripted:
                 elif command == b"QUIT":
                     writer.write(b"221 bye\r\n")
                     break
+                elif command.startswith(b"RCPT") and mail_refused:
+                    pieces = [b"503 5.5.1 need MAIL command\r\n"]  # as servers answer
                 else:
                     pieces = self.answer(command)
+                    said = b"".join(pieces)[:1] in (b"4", b"5")
                     if command.startswith(b"MAIL"):
-                        refused = False
-                    if command.startswith((b"MAIL", b"RCPT")):
-                        refused = refused or b"".join(pieces)[:1] in (b"4", b"5")
+                        refused = mail_refused = said
+                    elif command.startswith(b"RCPT"):
+                        refused = refused or said
+                    elif command == b"RSET":
+                        refused = mail_refused = False
                 hang_up = pieces[-1:] == [HANG_UP]
                 for piece in pieces[:-1] if hang_up else pieces:
                     writer.write(piece)
@@ -332,25 +338,126 @@ async def test_replies_to_a_pipelined_group_are_read_however_they_arrive(
     assert server.connections == 1 and len(server.messages) == 1
 
 
-async def test_a_server_that_takes_data_after_refusing_the_recipient_gets_none_of_the_message(
+@pytest.mark.parametrize(
+    ("stage", "refusal", "kind", "reason"),
+    [
+        (b"MAIL", b"550 5.7.1 sender refused\r\n", PermanentSendError, r"^rejected: 550 5\.7\.1 "),
+        (b"RCPT", b"550 5.1.1 unknown\r\n", PermanentSendError, r"^bounced: 550 5\.1\.1 unknown$"),
+    ],
+    ids=["MAIL", "RCPT"],
+)
+async def test_a_server_that_takes_data_after_a_refusal_gets_none_of_the_message(
+    stage: bytes,
+    refusal: bytes,
+    kind: type[Exception],
+    reason: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Pipelined, DATA went out with the refused RCPT; a server that answers it 354 all the same
-    waits for a message. None is written: the session is dropped, and the refusal (not the
-    354) is the outcome."""
+    """Pipelined, DATA went out with the refused MAIL or RCPT; a server that answers it 354 all
+    the same waits for a message. None is written: the session is dropped, and the refusal (not
+    the 354) is the outcome. (RFC 2920 would let the client end that message with a lone ".";
+    closing writes nothing at all.)"""
     monkeypatch.setattr(Scripted, "pipelining", True)
-    refusals = iter([[b"550 5.1.1 unknown\r\n"]])
+    refusals = iter([[refusal]])
 
     def answer(command: bytes) -> list[bytes]:
-        return next(refusals, ok(command)) if command.startswith(b"RCPT") else ok(command)
+        return next(refusals, ok(command)) if command.startswith(stage) else ok(command)
+
+    server = await send_two(answer, first_fails=(kind, reason), go_aheads=(b"354 go ahead\r\n",))
+    assert server.connections == 2 and len(server.messages) == 1
+    assert server.unfinished == [b""]  # not a byte after the 354
+
+
+@pytest.mark.parametrize(
+    ("replies", "kind", "reason", "connections"),
+    [
+        (b"", PermanentSendError, r"^bounced: 550 5\.1\.1 unknown$", 1),
+        (b"250 OK\r\n", TransientSendError, "More than one reply", 2),
+    ],
+    ids=["answered", "one reply too many"],
+)
+async def test_a_refused_group_answered_in_one_piece(
+    replies: bytes,
+    kind: type[Exception],
+    reason: str,
+    connections: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refused RCPT and the 503 to its DATA in one read: the refusal is the outcome and RSET
+    keeps the session. One reply more than the group's commands: which command each answered
+    is no longer known, so no refusal is trusted (a false bounce would suppress the address)."""
+    monkeypatch.setattr(Scripted, "pipelining", True)
+    held = iter([True, True])  # the first MAIL and RCPT: answered with DATA, all at once
+
+    def answer(command: bytes) -> list[bytes]:
+        if command.startswith((b"MAIL", b"RCPT")) and next(held, False):
+            return []
+        return ok(command)
+
+    group = b"250 OK\r\n550 5.1.1 unknown\r\n503 5.5.1 no valid recipients\r\n" + replies
+    server = await send_two(answer, first_fails=(kind, reason), go_aheads=(group,))
+    assert server.connections == connections and len(server.messages) == 1
+
+
+async def test_replies_that_pair_a_refusal_with_the_wrong_command_are_no_bounce(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MAIL answered twice (250, then 550): the 550 would be taken for RCPT's, RCPT's 250 for
+    DATA's. A 250 to DATA says the replies are out of step: the send fails as transient rather
+    than as a bounce of an address the server never refused."""
+    monkeypatch.setattr(Scripted, "pipelining", True)
+    mails = iter([[b"250 OK\r\n550 5.1.1 unknown\r\n"]])
+
+    def answer(command: bytes) -> list[bytes]:
+        return next(mails, ok(command)) if command.startswith(b"MAIL") else ok(command)
+
+    server = await send_two(answer, first_fails=(TransientSendError, "Reply out of step: 250 "))
+    assert server.connections == 2 and len(server.messages) == 1
+
+
+async def test_a_421_after_a_refusal_ends_the_session_without_rset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server refuses RCPT, then answers DATA 421 (it is closing): the refusal is the
+    outcome, and no RSET is written to a server that said it is closing."""
+    monkeypatch.setattr(Scripted, "pipelining", True)
+    first = iter([True])
+
+    def answer(command: bytes) -> list[bytes]:
+        if command.startswith(b"RCPT") and next(first, False):
+            return [b"451 4.3.0 try later\r\n"]
+        return ok(command)
 
     server = await send_two(
         answer,
-        first_fails=(PermanentSendError, r"^bounced: 550 5\.1\.1 unknown$"),
-        go_aheads=(b"354 go ahead\r\n",),
+        first_fails=(TransientSendError, r"^451 4\.3\.0 try later$"),
+        go_aheads=(b"421 4.3.2 closing\r\n",),
     )
     assert server.connections == 2 and len(server.messages) == 1
-    assert server.unfinished == [b""]  # not a byte after the 354
+    assert b"RSET" not in server.commands
+
+
+async def test_a_421_to_a_pipelined_mail_ends_the_exchange_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reused session answered 421 to MAIL and then nothing (the server closing): the message
+    goes over a new session at once, without waiting for replies to RCPT and DATA until the
+    send's deadline (30 s here; the test allows 10)."""
+    monkeypatch.setattr(Scripted, "pipelining", True)
+
+    def answer(command: bytes) -> list[bytes]:
+        if command.startswith(b"MAIL") and server.messages and server.connections == 1:
+            server.muted.add(1)
+            return [b"421 4.7.0 too many messages on this connection\r\n"]
+        return ok(command)
+
+    async with scripted(answer) as (server, port):
+        smtp = loopback(port, timeout=30.0)
+        await smtp.send(outgoing(1))
+        async with asyncio.timeout(10):
+            await smtp.send(outgoing(2))
+        await smtp.aclose()
+    assert server.connections == 2 and len(server.messages) == 2
 
 
 @pytest.mark.parametrize("stage", [b"MAIL", b"RCPT"])

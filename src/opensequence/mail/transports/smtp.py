@@ -362,10 +362,12 @@ class _Session(asyncio.Protocol):
     one after the other as their replies come in or, when the server announced PIPELINING
     (RFC 2920), all three at once; the message itself only once all three were accepted. A
     reply nobody waits for (a 421 sent to an idle connection before the server closes it), a
-    malformed or oversized one, or more than the commands written: the session is out of step
-    with the server and is closed, and the pool opens a new one in its place. The first of
-    several replies answers a command that ends the exchange; a message whose MAIL, RCPT or
-    DATA got several is not sent.
+    malformed or oversized one, more replies than the commands written, or a positive one
+    where that command's success is another (250 to DATA, which was taken for a refusal and
+    answered with RSET before PIPELINING): the session is out of step with the server and is
+    closed, and the pool opens a new one in its place. The first of several replies answers a
+    command that ends the exchange; a message whose MAIL, RCPT or DATA got several is not sent
+    (a transient failure), nor failed for a refusal that may have answered another command.
 
     Messages whose addresses need aiosmtplib's quoting go through its ``sendmail``: the
     transport is handed back to aiosmtplib's protocol for that transaction."""
@@ -523,16 +525,22 @@ class _Session(asyncio.Protocol):
         answered = self._stage == self._ends[self._group]  # the last reply of its group
         refused = self._refused
         if refused is not None:
-            # A later command of the group whose first refusal is ``refused``.
+            # A later command of the group whose first refusal is ``refused``: its reply is a
+            # refusal too (503 to a DATA after a refused RCPT), or the server's 354 to DATA
+            # all the same (it would wait for the message: none is written), or a 421.
+            if code < 400 and not (stage == _DATA and code == aiosmtplib.SMTPStatus.start_input):
+                # 250 to DATA: the replies are out of step with the commands, and the refusal
+                # may well have answered another one (a false bounce would suppress the address).
+                return self._out_of_step(waiter, f"Reply out of step: {code} {text}")
+            if answered and more:
+                return self._out_of_step(waiter, "More than one reply")
             if code in (
                 aiosmtplib.SMTPStatus.start_input,
                 aiosmtplib.SMTPStatus.domain_unavailable,
             ):
-                self.close()  # the server would wait for the message, or it ends the session
+                self.close()
             elif not answered:
                 return True
-            elif more:
-                self.close()
             waiter.set_result(refused)
             return False
         last = self._ends[-1]
@@ -540,9 +548,7 @@ class _Session(asyncio.Protocol):
             if not answered:
                 return True
             if more:
-                self.close()
-                waiter.set_exception(aiosmtplib.SMTPResponseException(-1, "More than one reply"))
-                return False
+                return self._out_of_step(waiter, "More than one reply")
             self._group += 1
             if self._stage == _MESSAGE:
                 self.content_written = True
@@ -551,10 +557,7 @@ class _Session(asyncio.Protocol):
         if self._stage < last and code < 400:
             # Positive, yet not what this command's success is (250 to DATA): the replies are
             # out of step with the commands, one before having had two.
-            self.close()
-            error = aiosmtplib.SMTPResponseException(-1, f"Reply out of step: {code} {text}")
-            waiter.set_exception(error)
-            return False
+            return self._out_of_step(waiter, f"Reply out of step: {code} {text}")
         if answered or code == aiosmtplib.SMTPStatus.domain_unavailable:
             # The exchange's last reply, a 421 (the server closes: nothing else comes), or a
             # refusal answering the last command written.
@@ -564,6 +567,13 @@ class _Session(asyncio.Protocol):
             return False
         self._refused = (stage, code, text)  # the rest of its group is answered first
         return True
+
+    def _out_of_step(self, waiter: asyncio.Future[tuple[int, int, str]], reason: str) -> bool:
+        """The replies no longer pair with the commands: the session is closed and the
+        exchange fails (transient), nothing more of it written."""
+        self.close()
+        waiter.set_exception(aiosmtplib.SMTPResponseException(-1, reason))
+        return False
 
     def eof_received(self) -> bool:
         # Fails the reply now: connection_lost comes only once what is being written has
