@@ -415,6 +415,23 @@ async def test_replies_that_pair_a_refusal_with_the_wrong_command_are_no_bounce(
     assert server.connections == 2 and len(server.messages) == 1
 
 
+async def test_a_garbled_reply_after_a_refusal_is_no_bounce(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RCPT refused, then something that is no SMTP reply where DATA's belongs: the server is
+    out of step, and its refusal is not taken as the message's bounce."""
+    monkeypatch.setattr(Scripted, "pipelining", True)
+    refusals = iter([[b"550 5.1.1 unknown\r\n"]])
+
+    def answer(command: bytes) -> list[bytes]:
+        return next(refusals, ok(command)) if command.startswith(b"RCPT") else ok(command)
+
+    server = await send_two(
+        answer, first_fails=(TransientSendError, "Malformed"), go_aheads=(b"OK then\r\n",)
+    )
+    assert server.connections == 2 and len(server.messages) == 1
+
+
 async def test_a_421_after_a_refusal_ends_the_session_without_rset(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

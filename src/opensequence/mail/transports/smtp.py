@@ -578,7 +578,8 @@ class _Session(asyncio.Protocol):
     def eof_received(self) -> bool:
         # Fails the reply now: connection_lost comes only once what is being written has
         # drained, never if the server stopped reading as it hung up.
-        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        self.close()
+        self._end(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -590,13 +591,18 @@ class _Session(asyncio.Protocol):
         self._end(lost)
 
     def _fail(self, exc: Exception) -> None:
+        """Output that is no SMTP reply (garbled, oversized, unasked for): the session is closed
+        and the exchange under way fails with ``exc``, whatever it was refused before (that
+        reply came from a server out of step)."""
         self.close()
-        self._end(exc)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
 
     def _end(self, exc: Exception) -> None:
-        """The exchange under way, if any, ends with ``exc``; or with the refusal the server
-        wrote before the rest of its group's replies (see :meth:`transaction`), which is the
-        message's outcome however the rest goes."""
+        """The connection ended: the exchange under way, if any, ends with ``exc``, or with the
+        refusal the server wrote before the rest of its group's replies (see
+        :meth:`transaction`), which is the message's outcome however the rest goes."""
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
