@@ -85,6 +85,8 @@ class Scripted:
         self.writers: list[asyncio.StreamWriter] = []
         # Connections (numbered from 1) that answer nothing more, as one dropped by a NAT.
         self.muted: set[int] = set()
+        self.quit_delays: dict[int, float] = {}  # by connection: before the answer to QUIT
+        self.quits_answered = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -123,7 +125,9 @@ class Scripted:
                     self.messages.append(message)
                     pieces = self.answer(b"<message>")
                 elif command == b"QUIT":
+                    await asyncio.sleep(self.quit_delays.get(number, 0.0))
                     writer.write(b"221 bye\r\n")
+                    self.quits_answered += 1
                     break
                 elif command.startswith(b"RCPT") and mail_refused:
                     pieces = [b"503 5.5.1 need MAIL command\r\n"]  # as servers answer
@@ -413,6 +417,56 @@ async def test_replies_that_pair_a_refusal_with_the_wrong_command_are_no_bounce(
 
     server = await send_two(answer, first_fails=(TransientSendError, "Reply out of step: 250 "))
     assert server.connections == 2 and len(server.messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("group", "rset", "reason"),
+    [
+        (b"250 OK\r\n250 OK\r\n550 5.1.1 unknown\r\n354 go ahead\r\n", ok, "More than one reply"),
+        (
+            b"250 OK\r\n250 OK\r\n550 5.1.1 unknown\r\n",
+            lambda command: [b"354 go ahead\r\n"],
+            "Reply out of step: 354 go ahead to RSET",
+        ),
+    ],
+    ids=["in the same read", "taken for RSET's"],
+)
+async def test_a_refusal_followed_by_the_replies_of_another_command_is_no_bounce(
+    group: bytes, rset: Answer, reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RCPT answered twice (250, then 550): the 550 would be taken for DATA's, and DATA's 354
+    comes after it, with it or as the reply to the RSET that follows the refusal. Either way
+    the replies are out of step: the send fails as transient, not as a bounce."""
+    monkeypatch.setattr(Scripted, "pipelining", True)
+    held = iter([True, True])  # the first MAIL and RCPT: answered with DATA, all at once
+
+    def answer(command: bytes) -> list[bytes]:
+        if command.startswith((b"MAIL", b"RCPT")) and next(held, False):
+            return []
+        return rset(command) if command == b"RSET" else ok(command)
+
+    server = await send_two(answer, first_fails=(TransientSendError, reason), go_aheads=(group,))
+    assert server.connections == 2 and len(server.messages) == 1
+
+
+async def test_a_refusal_then_silence_until_the_deadline_is_the_outcome(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RCPT refused, then no reply to the DATA written with it: once the deadline closes the
+    connection, the refusal (a bounce) is the outcome, not a timeout."""
+    monkeypatch.setattr(Scripted, "pipelining", True)
+
+    def answer(command: bytes) -> list[bytes]:
+        if command.startswith(b"RCPT") and server.connections == 1:
+            server.muted.add(1)
+            return [b"550 5.1.1 unknown\r\n"]
+        return ok(command)
+
+    async with scripted(answer) as (server, port):
+        smtp = loopback(port, timeout=0.5)
+        with pytest.raises(PermanentSendError, match=r"^bounced: 550 5\.1\.1 unknown$"):
+            await smtp.send(outgoing(1))
+        await smtp.aclose()
 
 
 async def test_a_garbled_reply_after_a_refusal_is_no_bounce(
@@ -924,10 +978,15 @@ async def test_a_session_idle_too_long_is_closed_rather_than_reused(
     """The old session is ended with QUIT (the server would see a lost connection otherwise),
     in the background: the next message does not wait for its answer."""
     monkeypatch.setattr(smtp_module, "IDLE_SESSION_SECONDS", -1.0)  # any idle time is too long
-    server = await send_two(ok)
-    assert server.connections == 2 and server.ended == 2 and len(server.messages) == 2
+    async with scripted(ok) as (server, port):
+        server.quit_delays[1] = 1.0  # the retired session's QUIT is answered last
+        smtp = loopback(port)
+        await smtp.send(outgoing(1))
+        await smtp.send(outgoing(2))
+        await smtp.aclose()
+        assert server.quits_answered == 2  # closing waited for both QUITs
+    assert server.connections == 2 and len(server.messages) == 2
     assert b"RSET" not in server.commands
-    assert server.commands.count(b"QUIT") == 2  # the retired session's, then the last one's
 
 
 @pytest.mark.parametrize(

@@ -318,9 +318,16 @@ async def _transaction(session: _Session, outgoing: Outgoing) -> None:
         # The refusal is the message's outcome whatever RSET gets: a 4xx must stay a retry
         # and a 5xx a bounce. Only the connection's fate depends on it (the caller drops it).
         try:
-            code, _ = await session.command(b"RSET\r\n")
+            code, text = await session.command(b"RSET\r\n")
         except (aiosmtplib.SMTPException, OSError) as failed:
             raise refused from failed
+        if code < 400 and code != aiosmtplib.SMTPStatus.completed:
+            # 354 to RSET: the server was answering DATA, so the refusal answered another
+            # command (one had two replies). Not the message's bounce; the session is dropped.
+            session.close()
+            raise aiosmtplib.SMTPResponseException(
+                -1, f"Reply out of step: {code} {text} to RSET"
+            ) from refused
         if code != aiosmtplib.SMTPStatus.completed:
             raise
         raise _Refused(refused) from refused
@@ -562,6 +569,10 @@ class _Session(asyncio.Protocol):
             # The exchange's last reply, a 421 (the server closes: nothing else comes), or a
             # refusal answering the last command written.
             if more:
+                if self._stage < last and code != aiosmtplib.SMTPStatus.domain_unavailable:
+                    # A refusal of MAIL, RCPT or DATA with a reply after it: one of the
+                    # commands may have had two, and the refusal answered another command.
+                    return self._out_of_step(waiter, "More than one reply")
                 self.close()
             waiter.set_result((stage, code, text))
             return False
