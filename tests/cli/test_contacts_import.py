@@ -326,3 +326,71 @@ def test_import_applies_the_sequence_filter_like_add_contacts(
     assert items[0].input == {"line": 2, "email": "a@example.com", "name": "A"}
     assert len(read_all(database_url, Contact)) == 2
     assert len(read_all(database_url, Enrollment)) == 1
+
+
+def _refuse_contact(database_url: str, email: str | None) -> None:
+    """A database trigger that fails the insert of the contact with ``email`` (None: drops it):
+    a real database error in the middle of an import."""
+    from sqlalchemy import create_engine, text
+
+    from opensequence.db.engine import sync_url
+
+    engine = create_engine(sync_url(database_url))
+    postgresql = engine.dialect.name == "postgresql"
+    with engine.begin() as connection:
+        if email is None:
+            connection.execute(
+                text(
+                    "DROP TRIGGER refuse_contact ON contacts"
+                    if postgresql
+                    else "DROP TRIGGER refuse_contact"
+                )
+            )
+        elif postgresql:
+            connection.execute(
+                text(
+                    "CREATE FUNCTION refuse_contact() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    f"IF NEW.email = '{email}' THEN RAISE EXCEPTION 'disk full, say'; END IF; "
+                    "RETURN NEW; END $$"
+                )
+            )
+            connection.execute(
+                text(
+                    "CREATE TRIGGER refuse_contact BEFORE INSERT ON contacts "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse_contact()"
+                )
+            )
+        else:
+            connection.execute(
+                text(
+                    "CREATE TRIGGER refuse_contact BEFORE INSERT ON contacts "
+                    f"WHEN NEW.email = '{email}' BEGIN SELECT RAISE(ABORT, 'disk full, say'); END"
+                )
+            )
+    engine.dispose()
+
+
+def test_an_import_stopped_by_the_database_says_where_and_can_be_run_again(
+    database_url: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The second batch (rows from line 2,002 on) fails in the database: the summary counts the
+    first batch, stderr names the line the failed batch starts at and the database's reason
+    (not a traceback, nor the batch's parameters), exit 1. Run again, the import lands the rest
+    and finds the first batch's contacts rather than creating them twice."""
+    setup_org(database_url)
+    rows = "".join(f"person{n}@example.com,Person {n}\n" for n in range(3000))
+    (tmp_path / "people.csv").write_text("email,name\n" + rows)
+    _refuse_contact(database_url, "person2500@example.com")
+    result = run_import(["people.csv", "--org", "acme"], env, tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.strip() == "imported 2000 rows (2000 new contacts), skipped 0"
+    assert "error: stopped at line 2002: " in result.stderr
+    assert "disk full, say" in result.stderr
+    assert "Traceback" not in result.stderr and "person1999@" not in result.stderr
+    assert len(read_all(database_url, Contact)) == 2000
+
+    _refuse_contact(database_url, None)
+    again = run_import(["people.csv", "--org", "acme"], env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "imported 3000 rows (1000 new contacts), skipped 0"
+    assert len(read_all(database_url, Contact)) == 3000

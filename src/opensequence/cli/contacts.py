@@ -4,6 +4,7 @@ rules live in :mod:`opensequence.contacts.importer`."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -12,13 +13,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy.exc import DBAPIError
 
 from opensequence.auth import service as auth
 from opensequence.cli.common import fail, flag_errors, load_settings, migrate, run_with_db
 from opensequence.clock import SystemClock
 from opensequence.contacts import importer
 from opensequence.db import Database
-from opensequence.errors import Invalid
+from opensequence.errors import AppError, Invalid
 from opensequence.runs.service import RunProgress, open_run
 
 contacts_app = typer.Typer(help="Contacts.", no_args_is_help=True)
@@ -29,6 +31,19 @@ def _batches(
 ) -> Iterator[list[importer.CsvRow | importer.BadRow]]:
     while batch := list(islice(rows, size)):
         yield batch
+
+
+def _reason(exc: Exception) -> str:
+    """One line on what stopped an import: a domain error's message, or the driver's for a
+    database error (SQLAlchemy's own text repeats the statement and a batch's parameters)."""
+    if isinstance(exc, AppError):
+        reason = exc.message
+    elif isinstance(exc, DBAPIError):
+        reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else str(exc)
+    else:
+        reason = str(exc) or type(exc).__name__
+    reason = " ".join(reason.split())
+    return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
 @contacts_app.command("import")
@@ -58,7 +73,9 @@ def import_contacts(
     err = Console(stderr=True)
     clock = SystemClock()
 
-    async def work(db: Database) -> tuple[importer.ImportTotals, RunProgress | None]:
+    async def work(
+        db: Database,
+    ) -> tuple[importer.ImportTotals, RunProgress | None, tuple[int, str] | None]:
         async with db.transaction() as session:
             with flag_errors("--org"):
                 organization = await auth.find_org(session, org)
@@ -93,15 +110,32 @@ def import_contacts(
                             soft_wrap=True,
                         )
                 if good:
-                    async with db.transaction() as session:
-                        await importer.import_batch(
-                            session, organization.id, good, totals=totals, run=run, now=clock.now()
-                        )
+                    # What landed before this batch, should it fail (its transaction then lands
+                    # none of it, whatever it counted).
+                    landed = (
+                        dataclasses.replace(totals),
+                        None if run is None else dict(run.counts),
+                    )
+                    try:
+                        async with db.transaction() as session:
+                            await importer.import_batch(
+                                session,
+                                organization.id,
+                                good,
+                                totals=totals,
+                                run=run,
+                                now=clock.now(),
+                            )
+                    except (DBAPIError, OSError, AppError) as exc:
+                        totals, counts = landed
+                        if run is not None and counts is not None:
+                            run.counts = counts
+                        return totals, run, (batch[0].line, _reason(exc))
                 progress.advance(task, len(batch))
-        return totals, run
+        return totals, run, None
 
     try:
-        totals, run = run_with_db(settings, work)
+        totals, run, stopped = run_with_db(settings, work)
     except UnicodeDecodeError as exc:
         fail(f"FILE: {file}: not UTF-8 ({exc})")
     summary = (
@@ -111,5 +145,14 @@ def import_contacts(
         counts = ", ".join(f"{key} {value}" for key, value in run.counts.items())
         summary += f"; run {run.run_id}: {counts}"
     typer.echo(summary)
+    if stopped is not None:
+        line, reason = stopped
+        typer.echo(
+            f"error: stopped at line {line}: {reason}. The rows before line {line} landed; "
+            "importing the same file again is safe (contacts that landed are found, not "
+            "created twice, and a sequence skips contacts it already has).",
+            err=True,
+        )
+        raise typer.Exit(1)
     if totals.skipped:
         raise typer.Exit(1)
