@@ -105,8 +105,6 @@ class SmtpTransport:
         self.timeout = timeout
         self.tls_context = tls_context
         self._idle: list[_Session] = []
-        # QUITs of sessions idle too long to be reused (see _reusable), until answered.
-        self._retiring: set[asyncio.Future[None]] = set()
         self._slots = asyncio.Semaphore(pool_size)
         self._deadlines: dict[_Session, float] = {}
         self._expired: set[_Session] = set()
@@ -164,19 +162,13 @@ class SmtpTransport:
     def _reusable(self) -> _Session | None:
         """The most recently used idle session that is still open and has been idle for at most
         :data:`IDLE_SESSION_SECONDS`; older ones are retired on the way (a connection a NAT or
-        the server dropped without a word would hold the send to its deadline): QUIT in the
-        background, so that the server sees a session ended rather than a lost connection."""
+        the server dropped without a word would hold the send to its deadline)."""
         now = asyncio.get_running_loop().time()
         while self._idle:
             session = self._idle.pop()
-            if not session.connected:
-                session.close()
-            elif now - session.idle_since <= IDLE_SESSION_SECONDS:
+            if now - session.idle_since <= IDLE_SESSION_SECONDS and session.connected:
                 return session
-            else:
-                retiring = asyncio.ensure_future(self._quit(session))
-                self._retiring.add(retiring)
-                retiring.add_done_callback(self._retiring.discard)
+            session.retire()
         return None
 
     async def _send_on(self, session: _Session, outgoing: Outgoing, *, reused: bool) -> None:
@@ -275,7 +267,7 @@ class SmtpTransport:
                 await self._watchdog
             self._watchdog = None
         idle, self._idle = self._idle, []
-        await asyncio.gather(*(self._quit(session) for session in idle), *self._retiring)
+        await asyncio.gather(*(self._quit(session) for session in idle))
 
     async def _quit(self, session: _Session) -> None:
         """QUIT, and the connection closed, within the bound; else (a server that answers but
@@ -414,6 +406,21 @@ class _Session(asyncio.Protocol):
         reading would otherwise hold a ``close()`` (and the send waiting on it) for good."""
         self._lost = True
         self._transport.abort()
+
+    def retire(self) -> None:
+        """End the session with QUIT, without waiting for the answer, and close the connection
+        now: the server sees a session ended rather than a lost connection, and the connection
+        no longer counts against a provider's cap on connections per client (one that held
+        its place while a QUIT was answered, beside the new session opened in its stead, made
+        twice the pool for a moment, and the new ones were refused). A QUIT that cannot be
+        written within :data:`QUIT_SECONDS` (a peer gone silent) is dropped."""
+        if not self.connected:
+            self.close()
+            return
+        self._lost = True
+        self._transport.write(b"QUIT\r\n")
+        self._transport.close()
+        asyncio.get_running_loop().call_later(QUIT_SECONDS, self._transport.abort)
 
     async def quit(self) -> None:
         """QUIT, then close once it is answered (see :meth:`close` for when it is not)."""
