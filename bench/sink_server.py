@@ -12,6 +12,8 @@ from _common import CountingSink, PipeliningCountingSink, start_sink
 
 
 def main() -> None:
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--pipelining"]):
+        sys.exit("usage: sink_server.py PORT [--pipelining]")
     port = int(sys.argv[1])
     pipelining = sys.argv[2:] == ["--pipelining"]
     controller, _ = start_sink(PipeliningCountingSink() if pipelining else CountingSink(), port)
