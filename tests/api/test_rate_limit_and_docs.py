@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import re
+import shutil
 import socket
+import subprocess
+import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -84,6 +89,53 @@ async def test_two_app_instances_share_one_budget_through_redis(settings: Settin
     with redis.Redis.from_url(REDIS_URL) as client:
         for key in client.scan_iter(f"{namespace}*"):
             client.delete(key)
+
+
+@pytest.fixture
+def redis_socket(tmp_path: Path) -> Iterator[Path]:
+    """A Redis server of the test's own, listening only on a unix socket."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    path = tmp_path / "redis.sock"
+    process = subprocess.Popen(
+        [server, "--port", "0", "--unixsocket", str(path), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            if path.exists():
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("redis-server did not open its socket")
+        yield path
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def test_two_limiters_share_one_budget_through_redis_on_a_unix_socket(
+    redis_socket: Path,
+) -> None:
+    """``unix:///PATH`` as redis-py spells it (``?db=N`` selects the database): Redis beside
+    the API on one host, without a TCP port. It was refused at start."""
+    url = f"unix://{redis_socket}?db=3"
+    first, second = RateLimiter("3/minute", url), RateLimiter("3/minute", url)
+    try:
+        allowed = [(await (first, second)[i % 2].hit("key")).allowed for i in range(5)]
+    finally:
+        await first.aclose()
+        await second.aclose()
+    assert allowed == [True, True, True, False, False]
+    with redis.Redis(unix_socket_path=str(redis_socket), db=3) as client:
+        assert client.dbsize() > 0  # counted in database 3
+
+
+@pytest.mark.parametrize("url", ["unix://redis.sock", "unix://"])
+def test_a_unix_socket_url_without_an_absolute_path_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="expected redis://"):
+        RateLimiter("3/minute", url)
 
 
 async def test_an_unreachable_redis_lets_requests_through_uncounted(

@@ -16,8 +16,8 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import ConfigurationError
 from limits.storage import storage_from_string
 
-REDIS_SCHEMES = ("redis", "rediss")
-REDIS_URL_FORM = "redis://HOST:PORT[/DB] or rediss://HOST:PORT[/DB]"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_URL_FORM = "redis://HOST:PORT[/DB], rediss://HOST:PORT[/DB] or unix:///PATH[?db=DB]"
 # How long the shared storage may take to connect or answer before a request goes through
 # without counting (see RateLimiter.hit); how often that is logged while it lasts.
 REDIS_TIMEOUT_SECONDS = 1.0
@@ -55,9 +55,14 @@ class RateLimiter:
         self.item = parse(rate)
         self._pool: redis.asyncio.ConnectionPool | None = None
         if redis_url:
-            if urlsplit(redis_url).scheme not in REDIS_SCHEMES:
-                # A socket path is neither: redis-py spells it unix://, limits redis+unix://.
+            parts = urlsplit(redis_url)
+            if parts.scheme not in REDIS_SCHEMES:
                 raise ValueError(f"must be {REDIS_URL_FORM}")
+            if parts.scheme == "unix" and (parts.netloc or not parts.path):
+                # unix://redis.sock would name a host; the socket's path must follow "///".
+                raise ValueError(f"a socket's path must be absolute; expected {REDIS_URL_FORM}")
+            # redis-py spells a socket unix:///PATH, limits redis+unix:///PATH.
+            storage_url = "redis+" + redis_url if parts.scheme == "unix" else redis_url
             try:
                 # Our own pool so that shutdown can close its sockets (aclose below).
                 self._pool = redis.asyncio.ConnectionPool.from_url(
@@ -66,7 +71,7 @@ class RateLimiter:
                     socket_timeout=REDIS_TIMEOUT_SECONDS,
                 )
                 self.storage = storage_from_string(
-                    "async+" + redis_url,
+                    "async+" + storage_url,
                     implementation="redispy",
                     connection_pool=self._pool,  # type: ignore[arg-type]
                     key_prefix=namespace,
