@@ -328,9 +328,10 @@ def test_import_applies_the_sequence_filter_like_add_contacts(
     assert len(read_all(database_url, Enrollment)) == 1
 
 
-def _refuse_contact(database_url: str, email: str | None) -> None:
-    """A database trigger that fails the insert of the contact with ``email`` (None: drops it):
-    a real database error in the middle of an import."""
+def _on_contact(database_url: str, email: str | None, *, statement: str = "") -> None:
+    """A database trigger on the insert of the contact with ``email`` (None: dropped): it runs
+    ``statement`` if given, else fails the insert. A real database event in the middle of an
+    import."""
     from sqlalchemy import create_engine, text
 
     from opensequence.db.engine import sync_url
@@ -339,32 +340,28 @@ def _refuse_contact(database_url: str, email: str | None) -> None:
     postgresql = engine.dialect.name == "postgresql"
     with engine.begin() as connection:
         if email is None:
-            connection.execute(
-                text(
-                    "DROP TRIGGER refuse_contact ON contacts"
-                    if postgresql
-                    else "DROP TRIGGER refuse_contact"
-                )
-            )
+            on = " ON contacts" if postgresql else ""
+            connection.execute(text(f"DROP TRIGGER on_contact{on}"))
         elif postgresql:
+            action = f"{statement};" if statement else "RAISE EXCEPTION 'disk full, say';"
             connection.execute(
                 text(
-                    "CREATE FUNCTION refuse_contact() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                    f"IF NEW.email = '{email}' THEN RAISE EXCEPTION 'disk full, say'; END IF; "
-                    "RETURN NEW; END $$"
+                    "CREATE FUNCTION on_contact() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    f"IF NEW.email = '{email}' THEN {action} END IF; RETURN NEW; END $$"
                 )
             )
             connection.execute(
                 text(
-                    "CREATE TRIGGER refuse_contact BEFORE INSERT ON contacts "
-                    "FOR EACH ROW EXECUTE FUNCTION refuse_contact()"
+                    "CREATE TRIGGER on_contact AFTER INSERT ON contacts "
+                    "FOR EACH ROW EXECUTE FUNCTION on_contact()"
                 )
             )
         else:
+            action = statement or "SELECT RAISE(ABORT, 'disk full, say')"
             connection.execute(
                 text(
-                    "CREATE TRIGGER refuse_contact BEFORE INSERT ON contacts "
-                    f"WHEN NEW.email = '{email}' BEGIN SELECT RAISE(ABORT, 'disk full, say'); END"
+                    "CREATE TRIGGER on_contact AFTER INSERT ON contacts "
+                    f"WHEN NEW.email = '{email}' BEGIN {action}; END"
                 )
             )
     engine.dispose()
@@ -380,7 +377,7 @@ def test_an_import_stopped_by_the_database_says_where_and_can_be_run_again(
     setup_org(database_url)
     rows = "".join(f"person{n}@example.com,Person {n}\n" for n in range(3000))
     (tmp_path / "people.csv").write_text("email,name\n" + rows)
-    _refuse_contact(database_url, "person2500@example.com")
+    _on_contact(database_url, "person2500@example.com")
     result = run_import(["people.csv", "--org", "acme"], env, tmp_path)
     assert result.returncode == 1, result.stderr
     assert result.stdout.strip() == "imported 2000 rows (2000 new contacts), skipped 0"
@@ -389,8 +386,43 @@ def test_an_import_stopped_by_the_database_says_where_and_can_be_run_again(
     assert "Traceback" not in result.stderr and "person1999@" not in result.stderr
     assert len(read_all(database_url, Contact)) == 2000
 
-    _refuse_contact(database_url, None)
+    _on_contact(database_url, None)
     again = run_import(["people.csv", "--org", "acme"], env, tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "imported 3000 rows (1000 new contacts), skipped 0"
     assert len(read_all(database_url, Contact)) == 3000
+
+
+def test_an_import_whose_sequence_is_canceled_midway_stops_with_a_summary(
+    database_url: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The sequence is canceled while the second batch lands (a trigger cancels it in that
+    batch's transaction): the third batch is refused, and the import stops there with the
+    summary of the two before it and the refusal's reason, exit 1."""
+    _, sequence_id = setup_org(
+        database_url,
+        sequence={
+            "name": "Welcome",
+            "custom_id": "welcome",
+            "is_continuous": True,
+            "status": "active",
+            "started_at": datetime.now(UTC),
+        },
+    )
+    rows = "".join(f"person{n}@example.com\n" for n in range(5000))
+    (tmp_path / "people.csv").write_text("email\n" + rows)
+    _on_contact(
+        database_url,
+        "person2500@example.com",
+        statement=f"UPDATE sequences SET status = 'canceled' WHERE id = '{sequence_id.hex}'"
+        if database_url.startswith("sqlite")
+        else f"UPDATE sequences SET status = 'canceled' WHERE id = '{sequence_id}'",
+    )
+    result = run_import(["people.csv", "--org", "acme", "--sequence", "welcome"], env, tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith("imported 4000 rows (4000 new contacts), skipped 0; run ")
+    assert "created_and_added 4000" in result.stdout
+    assert "error: stopped at line 4002: sequence is canceled" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(read_all(database_url, Contact)) == 4000
+    assert len(read_all(database_url, Enrollment)) == 4000
