@@ -83,6 +83,17 @@ def setup_org(database_url: str, *, sequence: dict[str, Any] | None = None) -> A
     return asyncio.run(work())
 
 
+def welcome_sequence() -> dict[str, Any]:
+    """A continuous sequence, active since now, that contacts can be imported into."""
+    return {
+        "name": "Welcome",
+        "custom_id": "welcome",
+        "is_continuous": True,
+        "status": "active",
+        "started_at": datetime.now(UTC),
+    }
+
+
 def read_all(database_url: str, model: Any) -> list[Any]:
     async def work() -> list[Any]:
         db = Database(database_url, pool_size=1)
@@ -214,17 +225,7 @@ def test_import_refuses_a_header_that_repeats_a_column(
 def test_import_into_a_continuous_sequence_makes_one_run(
     database_url: str, env: dict[str, str], tmp_path: Path
 ) -> None:
-    started = datetime.now(UTC)
-    _, sequence_id = setup_org(
-        database_url,
-        sequence={
-            "name": "Welcome",
-            "custom_id": "welcome",
-            "is_continuous": True,
-            "status": "active",
-            "started_at": started,
-        },
-    )
+    _, sequence_id = setup_org(database_url, sequence=welcome_sequence())
     (tmp_path / "first.csv").write_text("email\nold@example.com\n", encoding="utf-8")
     assert (
         run_import(
@@ -399,16 +400,7 @@ def test_an_import_whose_sequence_is_canceled_midway_stops_with_a_summary(
     """The sequence is canceled while the second batch lands (a trigger cancels it in that
     batch's transaction): the third batch is refused, and the import stops there with the
     summary of the two before it and the refusal's reason, exit 1."""
-    _, sequence_id = setup_org(
-        database_url,
-        sequence={
-            "name": "Welcome",
-            "custom_id": "welcome",
-            "is_continuous": True,
-            "status": "active",
-            "started_at": datetime.now(UTC),
-        },
-    )
+    _, sequence_id = setup_org(database_url, sequence=welcome_sequence())
     rows = "".join(f"person{n}@example.com\n" for n in range(5000))
     (tmp_path / "people.csv").write_text("email\n" + rows)
     _on_contact(
