@@ -99,9 +99,17 @@ def migrate(database_url: str) -> None:
     try:
         upgrade(database_url)
     except (OperationalError, ArgumentError, ValueError) as exc:
-        cause = exc.orig if isinstance(exc, OperationalError) else exc
-        detail = " ".join(str(cause).split()) or type(cause).__name__
-        fail(f"OPENSEQUENCE_DATABASE_URL: cannot open the database: {detail[:300]}")
+        fail(f"OPENSEQUENCE_DATABASE_URL: cannot open the database: {error_detail(exc)}")
+
+
+def error_detail(exc: BaseException) -> str:
+    """A failure on one line of at most 300 characters, for the operator: for a database error
+    the driver's message (SQLAlchemy's own text repeats the statement and its parameters, a
+    whole batch of them)."""
+    from sqlalchemy.exc import DBAPIError
+
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    return (" ".join(str(cause).split()) or type(cause).__name__)[:300]
 
 
 @contextmanager

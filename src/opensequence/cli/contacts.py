@@ -16,7 +16,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy.exc import DBAPIError
 
 from opensequence.auth import service as auth
-from opensequence.cli.common import fail, flag_errors, load_settings, migrate, run_with_db
+from opensequence.cli.common import (
+    error_detail,
+    fail,
+    flag_errors,
+    load_settings,
+    migrate,
+    run_with_db,
+)
 from opensequence.clock import SystemClock
 from opensequence.contacts import importer
 from opensequence.db import Database
@@ -31,19 +38,6 @@ def _batches(
 ) -> Iterator[list[importer.CsvRow | importer.BadRow]]:
     while batch := list(islice(rows, size)):
         yield batch
-
-
-def _reason(exc: Exception) -> str:
-    """One line on what stopped an import: a domain error's message, or the driver's for a
-    database error (SQLAlchemy's own text repeats the statement and a batch's parameters)."""
-    if isinstance(exc, AppError):
-        reason = exc.message
-    elif isinstance(exc, DBAPIError):
-        reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else str(exc)
-    else:
-        reason = str(exc) or type(exc).__name__
-    reason = " ".join(reason.split())
-    return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
 @contacts_app.command("import")
@@ -130,7 +124,8 @@ def import_contacts(
                         totals, counts = landed
                         if run is not None and counts is not None:
                             run.counts = counts
-                        return totals, run, (batch[0].line, _reason(exc))
+                        reason = exc.message if isinstance(exc, AppError) else error_detail(exc)
+                        return totals, run, (batch[0].line, reason)
                 progress.advance(task, len(batch))
         return totals, run, None
 
