@@ -15,6 +15,13 @@ loop and the in-process worker, the worker processes otherwise), of the sink and
 PostgreSQL's server processes, read from ``/proc`` (Linux; elsewhere no CPU figures). Sender,
 sink and database share the machine's cores, so these say where a gap in msg/s comes from.
 
+The floor (PostgreSQL): the raw loop plus only the database work that an engine which never
+sends a message twice and never loses one cannot skip, through psycopg alone. Per batch of 200,
+one transaction leases the due enrollments and writes their send records ``sending`` (committed
+before the first send), and one after the sends marks the records ``sent`` and advances the
+enrollments; two batches in flight, as in the worker. No rendering, MIME, loads or re-check:
+what the engine's contract costs on this machine before any of its own work.
+
 ``--sink-pipelining``: the sink's EHLO announces PIPELINING (RFC 2920), as Postfix's and
 Exim's do, and the engine sends MAIL, RCPT and DATA in one write; the raw loop (aiosmtplib,
 which has no pipelining) is unchanged. Without it the sink announces what aiosmtpd does, and
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import statistics
@@ -39,9 +47,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import httpx
+import psycopg
 from sqlalchemy import text
 
 from _common import (
@@ -160,6 +170,121 @@ async def raw_loop(port: int, sink: int, messages: int, concurrency: int) -> Run
     await asyncio.gather(*(lane(i) for i in range(concurrency)))
     rate = messages / (time.perf_counter() - started)
     return Run(rate, meter.per_message(messages))
+
+
+# The floor's statements: a lease over the due index (as the worker's claim), the send records
+# from one JSON document (as the worker writes them), and the two writes after the sends.
+_FLOOR_CLAIM = """
+UPDATE enrollments SET locked_until = now() + interval '5 minutes', locked_by = 'floor'
+WHERE id = ANY(ARRAY(
+    SELECT id FROM enrollments
+    WHERE status = 'active' AND next_step_at <= now()
+      AND (locked_until IS NULL OR locked_until < now())
+    ORDER BY next_step_at LIMIT %s FOR UPDATE SKIP LOCKED))
+RETURNING id, org_id, sequence_id, contact_id, current_step"""
+_FLOOR_COLUMNS = (
+    "id uuid, org_id uuid, enrollment_id uuid, sequence_id uuid, contact_id uuid, "
+    "step_index integer, from_email text, to_email text, status text, message_id text, "
+    "attempts integer, created_at timestamptz, updated_at timestamptz"
+)
+_FLOOR_NAMES = ", ".join(column.split()[0] for column in _FLOOR_COLUMNS.split(", "))
+_FLOOR_RECORD = (
+    f"INSERT INTO messages ({_FLOOR_NAMES}) SELECT {_FLOOR_NAMES} "
+    f"FROM json_to_recordset(%s::json) AS t({_FLOOR_COLUMNS}) "
+    "ON CONFLICT (enrollment_id, step_index) DO NOTHING RETURNING id"
+)
+_FLOOR_SENT = (
+    "UPDATE messages SET status = 'sent', attempts = attempts + 1, sent_at = now(), "
+    "updated_at = now() WHERE id = ANY(%s)"
+)
+_FLOOR_ADVANCE = (
+    "UPDATE enrollments SET status = 'completed', current_step = current_step + 1, "
+    "next_step_at = NULL, locked_until = NULL, locked_by = NULL, updated_at = now() "
+    "WHERE id = ANY(%s) AND locked_by = 'floor'"
+)
+FLOOR_BATCH = 200
+
+
+async def floor_loop(url: str, port: int, sink: int, messages: int, concurrency: int) -> Run:
+    """The floor (see the module's docstring): ``messages`` seeded enrollments, leased and
+    recorded a batch at a time, their pre-built messages sent by ``concurrency`` aiosmtplib
+    connections as in the raw loop, then recorded sent."""
+    db = Database(url)
+    try:
+        await seed(db, messages)
+    finally:
+        await db.dispose()
+    built = dict(engine_messages(messages))
+    sender = STEP["data"]["from_email"]
+    queue: asyncio.Queue[tuple[str, asyncio.Future[None]] | None] = asyncio.Queue()
+
+    async def lane() -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
+        await client.connect()
+        while (item := await queue.get()) is not None:
+            recipient, sent = item
+            await client.sendmail(sender, [recipient], built[recipient])
+            sent.set_result(None)
+        await client.quit()
+
+    async def pipeline(connection: psycopg.AsyncConnection[Any]) -> int:
+        done = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            async with connection.transaction():
+                claimed = await (await connection.execute(_FLOOR_CLAIM, (FLOOR_BATCH,))).fetchall()
+                if not claimed:
+                    return done
+                now = datetime.now(UTC).isoformat()
+                records = [
+                    {
+                        "id": new_id().hex,
+                        "org_id": org.hex,
+                        "enrollment_id": enrollment.hex,
+                        "sequence_id": sequence.hex,
+                        "contact_id": contact.hex,
+                        "step_index": step,
+                        "from_email": sender,
+                        "to_email": emails[contact],
+                        "status": "sending",
+                        "message_id": make_message_id(new_id(), domain_of(sender)),
+                        "attempts": 0,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for enrollment, org, sequence, contact, step in claimed
+                ]
+                cursor = await connection.execute(_FLOOR_RECORD, (json.dumps(records),))
+                ids = [row[0] for row in await cursor.fetchall()]
+            sends = []
+            for _, _, _, contact, _ in claimed:
+                sends.append(loop.create_future())
+                queue.put_nowait((emails[contact], sends[-1]))
+            await asyncio.gather(*sends)
+            async with connection.transaction():
+                await connection.execute(_FLOOR_SENT, (ids,))
+                await connection.execute(_FLOOR_ADVANCE, ([row[0] for row in claimed],))
+            done += len(claimed)
+
+    connections = [await psycopg.AsyncConnection.connect(url) for _ in range(2)]
+    lanes = [asyncio.create_task(lane()) for _ in range(concurrency)]
+    try:
+        cursor = await connections[0].execute("SELECT id, email FROM contacts")
+        emails: dict[Any, str] = dict(await cursor.fetchall())
+        await connections[0].commit()
+        meter = CpuMeter(sink)
+        started = time.perf_counter()
+        done = sum(await asyncio.gather(*(pipeline(c) for c in connections)))
+        rate = messages / (time.perf_counter() - started)
+        cpu = meter.per_message(messages)
+        assert done == messages, f"only {done} of {messages} sent"
+        return Run(rate, cpu)
+    finally:
+        for _ in lanes:
+            queue.put_nowait(None)
+        await asyncio.gather(*lanes, return_exceptions=True)
+        for connection in connections:
+            await connection.close()
 
 
 async def engine_in_process(url: str, port: int, sink: int, messages: int, concurrency: int) -> Run:
@@ -339,6 +464,12 @@ async def one_round(
     finally:
         drop_pg_database(url)
     await raw_after("engine, PostgreSQL, 2 worker processes", run)
+    url = create_pg_database("osq_bench")
+    try:
+        run = await floor_loop(url, port, sink, messages, concurrency)
+    finally:
+        drop_pg_database(url)
+    await raw_after("floor, PostgreSQL (raw + bookkeeping)", run)
 
 
 if __name__ == "__main__":
