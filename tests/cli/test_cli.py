@@ -284,3 +284,27 @@ def test_api_prints_its_listening_line_once_it_answers(
             rest, _ = process.communicate(timeout=30)
     assert process.returncode == 0
     assert "listening" not in rest  # once
+
+
+def test_api_workers_that_fail_to_start_end_it_with_exit_3(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """With ``--workers N`` uvicorn's supervisor stops once a process fails to start (the app
+    does not import, its startup fails) and returns as if told to stop: `api` ended with exit 0,
+    and a service manager took the failure for a clean stop. The processes here cannot import
+    the app (a ``sitecustomize`` that only they run hides it); the command itself can."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if '--multiprocessing-fork' in sys.orig_argv:\n"
+        "    sys.modules['opensequence.api.factory'] = None\n"
+    )
+    path = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    port = _free_port()
+    command = ["api", "--port", str(port), "--workers", "2"]
+    result = run_cli(command, {**env, "PYTHONPATH": path}, tmp_path)
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    assert "listening" not in result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the API processes stopped: one failed to start"), last

@@ -236,7 +236,8 @@ def api(
         daemon=True,
     ).start()
     try:
-        with sock:  # uvicorn serves (and its worker processes inherit) a duplicate of it
+        with sock, _StopSignals() as stop_signals:
+            # uvicorn serves (and its worker processes inherit) a duplicate of sock
             uvicorn.run(
                 "opensequence.api.factory:app",
                 factory=True,
@@ -246,6 +247,39 @@ def api(
             )
     finally:
         answered.set()
+    if not stop_signals.seen:
+        from uvicorn.main import STARTUP_FAILURE
+
+        fail("the API processes stopped: one failed to start (its error is above)", STARTUP_FAILURE)
+
+
+class _StopSignals:
+    """Whether SIGINT or SIGTERM reached this process within the block. uvicorn's supervisor of
+    ``--workers N`` returns normally both when told to stop and when a process failed to start
+    (it stops them all rather than restart one that would fail again), and its signal handlers
+    replace ours; the two are told apart through the interpreter's wakeup fd, to which every
+    signal with a Python handler writes its number, whichever handler that is. (The supervisor
+    runs no event loop, the fd's other user.)"""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __enter__(self) -> _StopSignals:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        self._previous = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self._previous)
+        received = b""
+        with suppress(BlockingIOError):
+            while chunk := self._reader.recv(4096):
+                received += chunk
+        self.seen = bool({signal.SIGINT, signal.SIGTERM} & set(received))
+        self._reader.close()
+        self._writer.close()
 
 
 def _announce_once_answering(host: str, port: int, announce: str, stop: threading.Event) -> None:
