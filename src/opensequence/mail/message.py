@@ -225,21 +225,31 @@ def _reads_as_written(value: str) -> bool:
     return value.isascii() and "=?" not in value
 
 
-def _encoded(value: str) -> str:
-    """Text that reads as written stays readable; anything else becomes RFC 2047 encoded words,
-    which decode to exactly ``value``."""
-    return value if _reads_as_written(value) else Header(value, "utf-8").encode()
+# RFC 2047 §2: an encoded word is at most 75 characters, and a line holding one at most 76.
+# ``Header`` folds at 78 unless told (words of up to 77 characters, first lines of 87 after the
+# header's name); told the line length and the name, its words and lines keep within both.
+ENCODED_LINE = 76
+
+
+def _words(value: str, name: str) -> str:
+    """``value`` as RFC 2047 encoded words for the header ``name``, folded; they decode to
+    exactly ``value``."""
+    return Header(value, "utf-8", maxlinelen=ENCODED_LINE, header_name=name).encode()
 
 
 def format_from(sender_name: str | None, from_email: str) -> str:
     """``"Sender Name" <from@example.com>`` (SPEC §3.2: the name always quoted); a name outside
     ASCII is an RFC 2047 encoded word instead (quotes cannot carry it), as is one holding
-    ``=?`` (readers decode encoded words inside quotes too)."""
+    ``=?`` (readers decode encoded words inside quotes too). The address goes on a line of its
+    own where the encoded words' last line would grow past :data:`ENCODED_LINE`."""
     name = " ".join((sender_name or "").split())
     if not name:
         return from_email
     if not _reads_as_written(name):
-        return f"{_encoded(name)} <{from_email}>"
+        words = _words(name, "From")
+        last = words.rpartition("\n")[2] if "\n" in words else f"From: {words}"
+        fold = " " if len(last) + len(from_email) + 3 <= ENCODED_LINE else "\n "
+        return f"{words}{fold}<{from_email}>"
     escaped = name.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}" <{from_email}>'
 
@@ -273,7 +283,7 @@ def _subject(subject: str) -> bytes:
         lines = folded.split(b"\r\n")
         if lines[0] != b"Subject: " and all(len(line) <= MAX_LINE for line in lines):
             return folded
-    return _header("Subject", Header(value, "utf-8").encode())
+    return _header("Subject", _words(value, "Subject"))
 
 
 def _text_part(text: str, subtype: str) -> bytes:
