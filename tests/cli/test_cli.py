@@ -286,19 +286,28 @@ def test_api_prints_its_listening_line_once_it_answers(
     assert "listening" not in rest  # once
 
 
+# What a ``sitecustomize`` does in the processes `api --workers N` starts (and not in the
+# command itself): the app cannot be imported, or cannot be built (its settings are bad there).
+_IN_THE_PROCESSES = {
+    "import": "sys.modules['opensequence.api.factory'] = None",
+    "build": "os.environ['OPENSEQUENCE_RATE_LIMIT'] = 'lots'",
+}
+
+
+@pytest.mark.parametrize("failure", sorted(_IN_THE_PROCESSES))
 def test_api_workers_that_fail_to_start_end_it_with_exit_3(
-    env: dict[str, str], tmp_path: Path
+    env: dict[str, str], tmp_path: Path, failure: str
 ) -> None:
-    """With ``--workers N`` uvicorn's supervisor stops once a process fails to start (the app
-    does not import, its startup fails) and returns as if told to stop: `api` ended with exit 0,
-    and a service manager took the failure for a clean stop. The processes here cannot import
-    the app (a ``sitecustomize`` that only they run hides it); the command itself can."""
+    """With ``--workers N`` uvicorn's supervisor stops once a process fails to start and returns
+    as if told to stop: `api` ended with exit 0, and a service manager took the failure for a
+    clean stop. An app that raised while being built did not even count as failing to start:
+    its process died, and was started again, and died, for as long as the command ran."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import sys\n"
+        "import os, sys\n"
         "if '--multiprocessing-fork' in sys.orig_argv:\n"
-        "    sys.modules['opensequence.api.factory'] = None\n"
+        f"    {_IN_THE_PROCESSES[failure]}\n"
     )
     path = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
     port = _free_port()
