@@ -481,24 +481,27 @@ async def one_round(
     await raw_after("engine, SQLite, 1 worker", run)
     if skip_pg:
         return
-    url = create_pg_database("osq_bench")
-    try:
-        run = await engine_in_process(url, port, sink, messages, concurrency)
-    finally:
-        drop_pg_database(url)
-    await raw_after("engine, PostgreSQL, 1 worker", run)
-    url = create_pg_database("osq_bench")
-    try:
-        run = await engine_processes(url, port, sink, messages, concurrency, 2)
-    finally:
-        drop_pg_database(url)
-    await raw_after("engine, PostgreSQL, 2 worker processes", run)
-    url = create_pg_database("osq_bench")
-    try:
-        run = await floor_loop(url, port, sink, messages, concurrency)
-    finally:
-        drop_pg_database(url)
-    await raw_after("floor, PostgreSQL", run)
+
+    async def on_postgresql(label: str, configuration: Callable[[str], Awaitable[Run]]) -> None:
+        """One run on a fresh PostgreSQL database, dropped after it."""
+        url = create_pg_database("osq_bench")
+        try:
+            run = await configuration(url)
+        finally:
+            drop_pg_database(url)
+        await raw_after(label, run)
+
+    await on_postgresql(
+        "engine, PostgreSQL, 1 worker",
+        lambda url: engine_in_process(url, port, sink, messages, concurrency),
+    )
+    await on_postgresql(
+        "engine, PostgreSQL, 2 worker processes",
+        lambda url: engine_processes(url, port, sink, messages, concurrency, 2),
+    )
+    await on_postgresql(
+        "floor, PostgreSQL", lambda url: floor_loop(url, port, sink, messages, concurrency)
+    )
 
 
 if __name__ == "__main__":

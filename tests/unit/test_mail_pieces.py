@@ -153,6 +153,20 @@ def test_non_ascii_names_and_subjects_are_encoded() -> None:
     assert html is not None and html.get_content() == "<p>" + "é" * 3000 + "</p>"
 
 
+def _short_message(subject: str, *, sender_name: str, from_email: str) -> bytes:
+    """A message whose headers are the point: a one-paragraph body, no unsubscribe link."""
+    return build_message(
+        from_email=from_email,
+        sender_name=sender_name,
+        to_email="b@example.org",
+        subject=subject,
+        html_body="<p>hi</p>",
+        message_id="<3@example.com>",
+        date=datetime(2026, 1, 1, tzinfo=UTC),
+        unsubscribe_url=None,
+    )
+
+
 @pytest.mark.parametrize(
     "subject",
     [
@@ -164,16 +178,7 @@ def test_non_ascii_names_and_subjects_are_encoded() -> None:
     ],
 )
 def test_subjects_of_any_length_fit_in_lines_and_read_back_the_same(subject: str) -> None:
-    raw = build_message(
-        from_email="a@example.com",
-        sender_name="A",
-        to_email="b@example.org",
-        subject=subject,
-        html_body="<p>hi</p>",
-        message_id="<3@example.com>",
-        date=datetime(2026, 1, 1, tzinfo=UTC),
-        unsubscribe_url=None,
-    )
+    raw = _short_message(subject, sender_name="A", from_email="a@example.com")
     assert raw.isascii()
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998
     message = email.message_from_bytes(raw, policy=email.policy.default)
@@ -198,15 +203,8 @@ _ENCODED_WORD = re.compile(rb"=\?[^?]+\?[qQbB]\?[^?]*\?=")
 def test_encoded_words_keep_to_rfc_2047_lengths(subject: str, sender_name: str) -> None:
     """RFC 2047 §2: an encoded word is at most 75 characters, a line holding one at most 76. The
     stdlib's ``Header`` folds at 78 by default: words of 77 characters, a first line of 87."""
-    raw = build_message(
-        from_email="someone.with.a.long.address@mail.example.com",
-        sender_name=sender_name,
-        to_email="b@example.org",
-        subject=subject,
-        html_body="<p>hi</p>",
-        message_id="<4@example.com>",
-        date=datetime(2026, 1, 1, tzinfo=UTC),
-        unsubscribe_url=None,
+    raw = _short_message(
+        subject, sender_name=sender_name, from_email="someone.with.a.long.address@mail.example.com"
     )
     head = raw.split(b"\r\n\r\n", 1)[0]
     encoded_lines = [line for line in head.split(b"\r\n") if _ENCODED_WORD.search(line)]
