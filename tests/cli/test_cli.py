@@ -294,9 +294,10 @@ def test_api_prints_its_listening_line_once_it_answers(
 
 
 # What a ``sitecustomize`` does in the processes `api --workers N` starts (and not in the
-# command itself): the app cannot be imported, or cannot be built (its settings are bad there).
+# command itself): the app cannot be imported (as when the package was replaced on disk), or
+# cannot be built (its settings are bad there).
 _IN_THE_PROCESSES = {
-    "import": "sys.modules['opensequence.api.factory'] = None",
+    "import": "sys.modules['opensequence.api.app'] = None",
     "build": "os.environ['OPENSEQUENCE_RATE_LIMIT'] = 'lots'",
 }
 
@@ -322,5 +323,6 @@ def test_api_workers_that_fail_to_start_end_it_with_exit_3(
     result = run_cli(command, {**env, "PYTHONPATH": path}, tmp_path)
     assert result.returncode == 3, (result.stdout, result.stderr)
     assert "listening" not in result.stdout
+    assert "the app could not be built" in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the API processes stopped: one failed to start"), last
