@@ -176,9 +176,10 @@ async def raw_loop(port: int, sink: int, messages: int, concurrency: int) -> Run
     return Run(rate, meter.per_message(messages))
 
 
-# The floor's statements: a lease over the due index (as the worker's claim) that also reads
-# each contact's address, the send records from one JSON document (as the worker writes them),
-# and the two writes after each chunk of sends.
+# The floor's statements: a lease over the due index that also reads each contact's address and
+# looks up the send record a resend would reuse (as the worker's claim does; here there is
+# none), the send records from one JSON document (as the worker writes them), and the two
+# writes after each chunk of sends.
 _FLOOR_CLAIM = """
 UPDATE enrollments SET locked_until = now() + interval '5 minutes', locked_by = 'floor'
 FROM contacts
@@ -188,7 +189,9 @@ WHERE contacts.id = enrollments.contact_id AND enrollments.id = ANY(ARRAY(
       AND (locked_until IS NULL OR locked_until < now())
     ORDER BY next_step_at LIMIT %s FOR UPDATE SKIP LOCKED))
 RETURNING enrollments.id, enrollments.org_id, enrollments.sequence_id, enrollments.contact_id,
-    enrollments.current_step, contacts.email"""
+    enrollments.current_step, contacts.email,
+    (SELECT messages.id FROM messages WHERE messages.enrollment_id = enrollments.id
+        AND messages.step_index = enrollments.current_step)"""
 _FLOOR_COLUMNS = (
     "id uuid, org_id uuid, enrollment_id uuid, sequence_id uuid, contact_id uuid, "
     "step_index integer, from_email text, to_email text, status text, message_id text, "
@@ -266,14 +269,15 @@ async def floor_loop(url: str, port: int, sink: int, messages: int, concurrency:
                         "created_at": now,
                         "updated_at": now,
                     }
-                    for record, (enrollment, org, sequence, contact, step, email) in zip(
+                    for record, (enrollment, org, sequence, contact, step, email, _) in zip(
                         ids, claimed, strict=True
                     )
                 ]
+                assert all(row[-1] is None for row in claimed)  # no resends in this run
                 cursor = await connection.execute(_FLOOR_RECORD, (json.dumps(records),))
                 assert len(await cursor.fetchall()) == len(claimed)
             finished: asyncio.Queue[Sent] = asyncio.Queue()
-            for record, (enrollment, *_, email) in zip(ids, claimed, strict=True):
+            for record, (enrollment, *_, email, _) in zip(ids, claimed, strict=True):
                 queue.put_nowait(
                     (Outgoing(sender, email, built[email]), (record, enrollment), finished)
                 )
@@ -298,7 +302,10 @@ async def floor_loop(url: str, port: int, sink: int, messages: int, concurrency:
     try:
         meter = CpuMeter(sink)
         started = time.perf_counter()
-        done = sum(await asyncio.gather(*(pipeline(c) for c in connections)))
+        # A failure cancels the other pipeline rather than leaving it on a closing connection.
+        async with asyncio.TaskGroup() as group:
+            pipelines = [group.create_task(pipeline(c)) for c in connections]
+        done = sum(task.result() for task in pipelines)
         rate = messages / (time.perf_counter() - started)
         cpu = meter.per_message(messages)  # before the connections close
         cursor = await connections[0].execute(
@@ -308,6 +315,8 @@ async def floor_loop(url: str, port: int, sink: int, messages: int, concurrency:
         assert done == sent == messages, f"{done} advanced, {sent} of {messages} sent"
         return Run(rate, cpu)
     finally:
+        while not queue.empty():  # after a failure, what is still queued is not sent
+            queue.get_nowait()
         for _ in lanes:
             queue.put_nowait(None)
         await asyncio.gather(*lanes, return_exceptions=True)
