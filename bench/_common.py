@@ -200,6 +200,18 @@ class PipeliningCountingSink(CountingSink):
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
 
+def start_ready(script: str, *args: str) -> subprocess.Popen[str]:
+    """``python bench/<script> ARGS`` in its own process, returned once it prints ``ready``."""
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name(script)), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == "ready", f"{script} did not start"
+    return process
+
+
 def start_sink(handler: Any, port: int | None = None) -> tuple[Controller, int]:
     port = port or free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)

@@ -43,14 +43,12 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, cast
 
 import aiosmtplib
@@ -67,6 +65,7 @@ from _common import (
     free_port,
     postgres_cpu_seconds,
     seed,
+    start_ready,
     subprocess_env,
 )
 from opensequence.cli.common import run_async
@@ -115,14 +114,7 @@ class CpuMeter:
 def start_sink_process(port: int, *, pipelining: bool = False) -> subprocess.Popen[str]:
     """The sink (``sink_server.py``) on ``port``; its EHLO announces PIPELINING if asked."""
     options = ["--pipelining"] if pipelining else []
-    process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("sink_server.py")), str(port), *options],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    assert process.stdout.readline().strip() == "ready"
-    return process
+    return start_ready("sink_server.py", str(port), *options)
 
 
 def engine_messages(count: int) -> list[tuple[str, bytes]]:

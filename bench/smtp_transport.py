@@ -28,15 +28,13 @@ import contextlib
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiosmtplib
 
-from _common import STEP, cpu_seconds, free_port
+from _common import STEP, cpu_seconds, free_port, start_ready
 from engine_send import engine_messages, start_sink_process
 from opensequence.cli.common import run_async
 from opensequence.mail.message import Outgoing
@@ -110,19 +108,9 @@ def sinks(latency_ms: float) -> Iterator[dict[bool, tuple[int, int]]]:
             processes.append(sink)
             if latency_ms:
                 relay_port = free_port()
-                relay = subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(Path(__file__).with_name("latency_proxy.py")),
-                        str(relay_port),
-                        str(port),
-                        str(latency_ms),
-                    ],
-                    stdout=subprocess.PIPE,
-                    text=True,
+                processes.append(
+                    start_ready("latency_proxy.py", str(relay_port), str(port), str(latency_ms))
                 )
-                processes.append(relay)
-                assert relay.stdout is not None and relay.stdout.readline().strip() == "ready"
                 port = relay_port
             found[pipelining] = (port, sink.pid)
         yield found
